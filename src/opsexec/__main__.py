@@ -1,0 +1,3 @@
+from opsexec.cli import main
+
+main()

@@ -1,0 +1,135 @@
+"""Domain errors.
+
+Every refusal opsexec makes is one of these. Each carries a stable machine-readable
+``code`` and the HTTP status it maps to, so ``api/problems.py`` can turn any of them into
+an RFC 9457 problem response in one place, and the CLI can show the same code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OpsexecError(Exception):
+    """Base of every domain error; ``code`` is part of the public API and never changes."""
+
+    code: str = "opsexec_error"
+    status: int = 500
+    title: str = "Internal error"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        pointer: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.pointer = pointer
+        self.extra: dict[str, Any] = extra or {}
+
+
+# --- 4xx: the caller can fix these -------------------------------------------------
+
+
+class ValidationError(OpsexecError):
+    """The request or plan is malformed; ``pointer`` names the offending field."""
+
+    code = "validation_error"
+    status = 422
+    title = "Invalid request"
+
+
+class PlanValidationError(ValidationError):
+    """A plan failed R-PLAN-2/3; ``code`` is specific (``unknown_action``, ``cycle``…)."""
+
+    title = "Invalid plan"
+
+    def __init__(self, code: str, detail: str, *, pointer: str, **extra: Any) -> None:
+        super().__init__(detail, pointer=pointer, extra=extra)
+        self.code = code
+
+
+class AuthenticationError(OpsexecError):
+    code = "unauthenticated"
+    status = 401
+    title = "Authentication required"
+
+
+class PermissionDeniedError(OpsexecError):
+    """The principal lacks a permission (HTTP 403; at the worker the execution fails)."""
+
+    code = "permission_denied"
+    status = 403
+    title = "Permission denied"
+
+
+class NotFoundError(OpsexecError):
+    """Absent, or belonging to another tenant: the two are indistinguishable on purpose."""
+
+    code = "not_found"
+    status = 404
+    title = "Not found"
+
+
+class ConflictError(OpsexecError):
+    code = "conflict"
+    status = 409
+    title = "Conflict"
+
+
+class FSMError(ConflictError):
+    """An illegal lifecycle move, or a compare-and-set that lost a race."""
+
+    code = "illegal_transition"
+    title = "Illegal status transition"
+
+
+class ResourceBusyError(ConflictError):
+    """A lock on a target is held by another execution (``extra['holder_execution_id']``)."""
+
+    code = "resource_busy"
+    title = "Target is locked"
+
+
+class ApprovalInvalidatedError(ConflictError):
+    """The stored plan no longer hashes to what was approved; approvals are void."""
+
+    code = "approval_invalidated"
+    title = "Approval invalidated"
+
+
+class ServiceDisabledError(OpsexecError):
+    """Kill switch or tenant disabled (R-ROLL)."""
+
+    code = "service_disabled"
+    status = 503
+    title = "Execution disabled"
+
+
+# --- failures recorded on an execution ---------------------------------------------
+
+
+class StepTimeoutError(OpsexecError):
+    """Recorded as error_class ``TimeoutError`` (R-TIMEOUT)."""
+
+    code = "timeout"
+    status = 504
+    title = "Timed out"
+
+
+class IndeterminateStepOutcome(OpsexecError):
+    """A non-idempotent step was interrupted mid-flight; a person must decide."""
+
+    code = "indeterminate_step_outcome"
+    status = 409
+    title = "Indeterminate step outcome"
+
+
+class LeaseLostError(OpsexecError):
+    """A worker's fenced write found its lease gone: it must stop touching the job."""
+
+    code = "lease_lost"
+    status = 409
+    title = "Lease lost"
