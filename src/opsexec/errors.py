@@ -133,3 +133,73 @@ class LeaseLostError(OpsexecError):
     code = "lease_lost"
     status = 409
     title = "Lease lost"
+
+
+# --- transports: reaching a target and running a command there ---------------------
+
+
+class TransportError(OpsexecError):
+    """Reaching or talking to a target failed (DNS, refused, lost connection, bad login).
+
+    ``retryable`` tells the runner whether trying again later can help (R-ENGINE retries
+    connection errors): a refused or dropped connection can, a rejected login cannot. The
+    detail never contains a password, passphrase or key.
+    """
+
+    code = "transport_error"
+    status = 502
+    title = "Target unreachable"
+    retryable: bool = True
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        retryable: bool | None = None,
+        pointer: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail, pointer=pointer, extra=extra)
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class TransportAuthenticationError(TransportError):
+    """The target refused our credentials; retrying with the same ones cannot help."""
+
+    code = "transport_auth_failed"
+    title = "Target refused the credentials"
+    retryable = False
+
+
+class HostKeyMismatchError(TransportError):
+    """The server presented a host key other than the pinned one: possible interception.
+
+    Raised before any credential is sent. ``extra`` carries the expected and presented
+    public keys (public keys are not secrets) so an operator can decide to re-pin.
+    """
+
+    code = "host_key_mismatch"
+    title = "Host key mismatch"
+    retryable = False
+
+
+class CommandTimeoutError(StepTimeoutError):
+    """A transport command outlived its timeout; its process group was killed.
+
+    A ``StepTimeoutError`` (error_class ``TimeoutError``, R-TIMEOUT) that also keeps the
+    output captured before the kill, for forensics. The output stays off ``extra`` so it
+    never lands unmasked in a problem response.
+    """
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        stdout: bytes = b"",
+        stderr: bytes = b"",
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail, extra=extra)
+        self.stdout = stdout
+        self.stderr = stderr

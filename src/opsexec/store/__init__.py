@@ -1,0 +1,47 @@
+"""Persistence: the asyncpg pool and transaction helper. All SQL lives in this package."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+Connection = asyncpg.Connection
+Pool = asyncpg.Pool
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+async def _init_connection(connection: asyncpg.Connection) -> None:
+    # JSON and JSONB columns travel as Python objects everywhere in opsexec.
+    for type_name in ("json", "jsonb"):
+        await connection.set_type_codec(
+            type_name, schema="pg_catalog", encoder=_dumps, decoder=json.loads
+        )
+
+
+async def connect(dsn: str) -> asyncpg.Connection:
+    """A standalone connection with opsexec's codecs (LISTEN, migrations checks, tests)."""
+    connection = await asyncpg.connect(dsn)
+    await _init_connection(connection)
+    return connection
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection
+    )
+    assert pool is not None
+    return pool
+
+
+@asynccontextmanager
+async def transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """One connection, one transaction: commit on success, roll back on any exception."""
+    async with pool.acquire() as connection, connection.transaction():
+        yield connection

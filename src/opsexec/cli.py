@@ -1,0 +1,108 @@
+"""The ``opsexec`` command line: server, worker and operator commands.
+
+Thin by design: every command parses its arguments, calls the engine or the HTTP API,
+and renders the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated
+
+import typer
+
+from opsexec.config import get_settings
+from opsexec.observability.logging import configure_logging, uvicorn_log_config
+
+app = typer.Typer(no_args_is_help=True, help="Safe execution of automation plans.")
+admin_app = typer.Typer(no_args_is_help=True, help="Tenants, users and API keys.")
+app.add_typer(admin_app, name="admin")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+) -> None:
+    """Run the HTTP API (migrating the database and creating the first admin if needed)."""
+    import uvicorn
+
+    from opsexec.api.app import create_app
+    from opsexec.engine.bootstrap import Bootstrapped
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+
+    def show_admin_key(bootstrapped: Bootstrapped, key_file: str) -> None:
+        typer.echo(
+            "Created tenant 'default' and user 'admin@localhost'.\n"
+            f"Admin API key (shown once; also saved to {key_file}):\n"
+            f"  {bootstrapped.api_key}",
+            err=False,
+        )
+
+    uvicorn.run(
+        create_app(settings, on_admin_created=show_admin_key),
+        host=host,
+        port=port,
+        log_config=uvicorn_log_config(settings.log_level, settings.log_format),
+    )
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations up to the newest revision."""
+    from opsexec.store.database import open_database
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+
+    async def run() -> None:
+        database = await open_database(settings)
+        await database.close()
+
+    asyncio.run(run())
+    typer.echo("database schema is at head")
+
+
+@admin_app.command("bootstrap")
+def admin_bootstrap(
+    tenant: Annotated[str, typer.Option(help="Tenant name (created if missing).")],
+    user: Annotated[str, typer.Option(help="User principal, e.g. an email.")],
+    roles: Annotated[str, typer.Option(help="Comma-separated roles.")] = "admin",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Create (or reuse) a tenant and user and mint a new API key for them."""
+    from opsexec.safety.rbac import unknown_roles
+    from opsexec.store import transaction
+    from opsexec.store.database import open_database
+    from opsexec.store.identity import create_api_key, ensure_tenant, ensure_user
+
+    role_list = [r.strip() for r in roles.split(",") if r.strip()]
+    if bad := unknown_roles(role_list):
+        raise typer.BadParameter(f"unknown roles: {', '.join(bad)}", param_hint="--roles")
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+
+    async def run() -> dict[str, str]:
+        database = await open_database(settings)
+        try:
+            async with transaction(database.pool) as connection:
+                tenant_id = await ensure_tenant(connection, tenant)
+                user_id = await ensure_user(connection, tenant_id, user, role_list)
+                _, api_key = await create_api_key(connection, tenant_id, user_id, "cli")
+        finally:
+            await database.close()
+        return {"tenant_id": str(tenant_id), "user_id": str(user_id), "api_key": api_key}
+
+    result = asyncio.run(run())
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(f"tenant {result['tenant_id']}\nuser   {result['user_id']}")
+        typer.echo(f"API key (shown once): {result['api_key']}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,44 @@
+"""The execution event log: every event is a row first, an announcement second."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from opsexec.safety.masking import mask_value
+
+# The advisory lock serialises event writers of one execution until they commit, so `seq`
+# (allocated at insert) is also commit order within an execution: a stream that read up
+# to seq N can never later find an event N-1 appear behind it.
+APPEND_EVENT = """
+WITH ordered AS (
+    SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))
+)
+INSERT INTO execution_events (execution_id, step_id, event_kind, payload, metadata)
+SELECT $1, $2, $3, $4, $5 FROM ordered
+RETURNING seq
+"""
+
+
+async def append_event(
+    connection: asyncpg.Connection,
+    execution_id: UUID,
+    kind: str,
+    payload: Mapping[str, Any] | None = None,
+    *,
+    step_id: UUID | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> int:
+    """Insert one masked event in the caller's transaction and return its ``seq``."""
+    seq: int = await connection.fetchval(
+        APPEND_EVENT,
+        execution_id,
+        step_id,
+        kind,
+        mask_value(dict(payload or {})),
+        mask_value(dict(metadata or {})),
+    )
+    return seq

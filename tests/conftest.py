@@ -1,0 +1,121 @@
+"""Shared fixtures: a real PostgreSQL, freshly created and migrated by Alembic per session.
+
+With ``OPSEXEC_DATABASE_URL`` set the tests use that server; without it they start the
+embedded PostgreSQL (the same zero-setup default users get), so the database-bound suite
+runs even on a bare machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from opsexec.config import get_settings
+from opsexec.store import create_pool, migrate, transaction
+from opsexec.store.embedded import EmbeddedPostgres
+from opsexec.store.identity import create_api_key, ensure_tenant, ensure_user
+from tests.services import missing_service
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("OPSEXEC_SHARED_DIR", REPO_ROOT.parent / "shared"))
+
+
+def with_database(dsn: str, database: str) -> str:
+    """The same server DSN pointed at another database."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+@pytest.fixture(scope="session")
+def output_dir() -> Path:
+    """Where tests leave artefacts a person may want to look at (screenshots, logs)."""
+    path = REPO_ROOT / "test-output"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+async def server_dsn() -> AsyncIterator[str]:
+    """A DSN for the PostgreSQL server the session runs against (maintenance database)."""
+    url = os.environ.get("OPSEXEC_DATABASE_URL")
+    if url:
+        try:
+            connection = await asyncio.wait_for(asyncpg.connect(url), timeout=5)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            missing_service(f"PostgreSQL at OPSEXEC_DATABASE_URL is unreachable: {exc}")
+        await connection.close()
+        yield url
+        return
+    with tempfile.TemporaryDirectory(prefix="opsexec-test-pg-") as data_dir:
+        embedded = await EmbeddedPostgres.start(Path(data_dir))
+        try:
+            yield embedded.dsn
+        finally:
+            await embedded.stop()
+
+
+@pytest.fixture(scope="session")
+async def database_dsn(server_dsn: str) -> AsyncIterator[str]:
+    """A brand-new database migrated by Alembic: the migrations are under test too."""
+    name = f"opsexec_test_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    dsn = with_database(server_dsn, name)
+    await migrate.upgrade(dsn)
+    try:
+        yield dsn
+    finally:
+        admin = await asyncpg.connect(server_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def pool(database_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(database_dsn, min_size=1, max_size=20)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@dataclass(frozen=True)
+class TenantFixture:
+    """A tenant of its own per test, so tests never see each other's rows."""
+
+    id: uuid.UUID
+    name: str
+    admin_id: uuid.UUID
+    admin_key: str
+
+
+@pytest.fixture
+async def tenant(pool: asyncpg.Pool) -> TenantFixture:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    async with transaction(pool) as connection:
+        tenant_id = await ensure_tenant(connection, name)
+        admin_id = await ensure_user(connection, tenant_id, f"admin@{name}", ["admin"])
+        _, key = await create_api_key(connection, tenant_id, admin_id, "test")
+    return TenantFixture(id=tenant_id, name=name, admin_id=admin_id, admin_key=key)
+
+
+@pytest.fixture
+def clean_settings_cache() -> Iterator[None]:
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
