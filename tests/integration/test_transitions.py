@@ -26,7 +26,8 @@ async def _execution_in(pool: asyncpg.Pool, tenant: TenantFixture, status: S) ->
             plan_size_bytes, step_count, target_count, execution_mode, approval_level,
             sla_class, status, started_at)
         VALUES ($1, $2, $3, repeat('0', 64), '{"steps": []}', 2, 1, 0, 'immediate', 0,
-            'fast', $4, CASE WHEN $4 = 'pending' THEN NULL ELSE now() END)
+            'fast', $4::execution_status,
+            CASE WHEN $4::execution_status = 'pending' THEN NULL ELSE now() END)
         RETURNING id
         """,
         tenant.id,

@@ -15,10 +15,10 @@ from opsexec.safety.masking import mask_value
 # to seq N can never later find an event N-1 appear behind it.
 APPEND_EVENT = """
 WITH ordered AS (
-    SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))
+    SELECT pg_advisory_xact_lock(hashtextextended($1::uuid::text, 0))
 )
 INSERT INTO execution_events (execution_id, step_id, event_kind, payload, metadata)
-SELECT $1, $2, $3, $4, $5 FROM ordered
+SELECT $1::uuid, $2::uuid, $3::varchar, $4::jsonb, $5::jsonb FROM ordered
 RETURNING seq
 """
 

@@ -29,25 +29,23 @@ TRANSITION_FIELDS = frozenset(
 )
 _MASKED_FIELDS = frozenset({"error_message", "result_summary", "cancellation_reason"})
 # A failed, cancelled or rejected execution frees its idempotency key at once (R-IDEM-2).
-_RETIRING = frozenset(
-    {ExecutionStatus.FAILED, ExecutionStatus.CANCELLED, ExecutionStatus.REJECTED}
-)
+_RETIRING = frozenset({ExecutionStatus.FAILED, ExecutionStatus.CANCELLED, ExecutionStatus.REJECTED})
 
 TRANSITION = """
 UPDATE executions
-SET status = $4,
+SET status = $4::execution_status,
     last_transition_from = status,
     last_transition_at = clock_timestamp(),
     last_transition_by = $5,
-    started_at = CASE WHEN $4 = 'running' THEN coalesce(started_at, clock_timestamp())
-                      ELSE started_at END,
+    started_at = CASE WHEN $4::execution_status = 'running'
+                      THEN coalesce(started_at, clock_timestamp()) ELSE started_at END,
     ended_at = CASE WHEN $6 THEN clock_timestamp() ELSE ended_at END,
     duration_ms = CASE WHEN $6 AND started_at IS NOT NULL
         THEN (extract(epoch FROM clock_timestamp() - started_at) * 1000)::int
         ELSE duration_ms END,
     idempotency_active = idempotency_active AND NOT $7
     {extra_assignments}
-WHERE id = $1 AND tenant_id = $2 AND status = $3
+WHERE id = $1 AND tenant_id = $2 AND status = $3::execution_status
 RETURNING *
 """
 

@@ -10,6 +10,7 @@ from uuid import UUID
 import asyncpg
 
 from opsexec.safety.apikeys import display_prefix, generate_api_key, hash_api_key
+from opsexec.safety.masking import mask_value
 
 SYSTEM_PRINCIPAL = "system@opsexec"
 
@@ -122,4 +123,138 @@ async def find_key_owner(connection: asyncpg.Connection, api_key: str) -> KeyOwn
         user_id=row["user_id"],
         principal=row["principal"],
         roles=tuple(row["roles"]),
+    )
+
+
+async def get_user(
+    connection: asyncpg.Connection, tenant_id: UUID, user_id: UUID
+) -> asyncpg.Record | None:
+    return await connection.fetchrow(
+        """SELECT id, tenant_id, principal, roles, disabled, created_at, updated_at
+           FROM users WHERE id = $1 AND tenant_id = $2 AND NOT is_system""",
+        user_id,
+        tenant_id,
+    )
+
+
+async def list_users(connection: asyncpg.Connection, tenant_id: UUID) -> list[asyncpg.Record]:
+    return await connection.fetch(
+        """SELECT id, tenant_id, principal, roles, disabled, created_at, updated_at
+           FROM users WHERE tenant_id = $1 AND NOT is_system ORDER BY principal""",
+        tenant_id,
+    )
+
+
+async def create_user(
+    connection: asyncpg.Connection, tenant_id: UUID, principal: str, roles: Sequence[str]
+) -> asyncpg.Record | None:
+    """Insert a user; None if the principal already exists in the tenant."""
+    return await connection.fetchrow(
+        """INSERT INTO users (tenant_id, principal, roles) VALUES ($1, $2, $3)
+           ON CONFLICT (tenant_id, principal) DO NOTHING
+           RETURNING id, tenant_id, principal, roles, disabled, created_at, updated_at""",
+        tenant_id,
+        principal,
+        list(roles),
+    )
+
+
+async def update_user(
+    connection: asyncpg.Connection,
+    tenant_id: UUID,
+    user_id: UUID,
+    *,
+    roles: Sequence[str] | None,
+    disabled: bool | None,
+) -> asyncpg.Record | None:
+    return await connection.fetchrow(
+        """UPDATE users
+           SET roles = coalesce($3, roles), disabled = coalesce($4, disabled),
+               updated_at = now()
+           WHERE id = $1 AND tenant_id = $2 AND NOT is_system
+           RETURNING id, tenant_id, principal, roles, disabled, created_at, updated_at""",
+        user_id,
+        tenant_id,
+        list(roles) if roles is not None else None,
+        disabled,
+    )
+
+
+async def current_roles(
+    connection: asyncpg.Connection, tenant_id: UUID, user_id: UUID
+) -> tuple[str, ...] | None:
+    """The roles a user holds right now, or None if the user is gone or disabled.
+
+    The engine asks this right before running (R-RBAC): permissions granted at submit
+    time may have been revoked since.
+    """
+    row = await connection.fetchrow(
+        "SELECT roles, disabled FROM users WHERE id = $1 AND tenant_id = $2",
+        user_id,
+        tenant_id,
+    )
+    if row is None or row["disabled"]:
+        return None
+    return tuple(row["roles"])
+
+
+async def list_api_keys(
+    connection: asyncpg.Connection, tenant_id: UUID, user_id: UUID | None = None
+) -> list[asyncpg.Record]:
+    return await connection.fetch(
+        """SELECT id, user_id, key_prefix, name, created_at, last_used_at, revoked_at
+           FROM api_keys WHERE tenant_id = $1 AND ($2::uuid IS NULL OR user_id = $2)
+           ORDER BY created_at""",
+        tenant_id,
+        user_id,
+    )
+
+
+async def revoke_api_key(connection: asyncpg.Connection, tenant_id: UUID, key_id: UUID) -> bool:
+    revoked = await connection.fetchval(
+        """UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
+           WHERE id = $1 AND tenant_id = $2 RETURNING id""",
+        key_id,
+        tenant_id,
+    )
+    return revoked is not None
+
+
+async def get_tenant(connection: asyncpg.Connection, tenant_id: UUID) -> asyncpg.Record | None:
+    return await connection.fetchrow(
+        "SELECT id, name, settings, created_at, updated_at FROM tenants WHERE id = $1",
+        tenant_id,
+    )
+
+
+async def replace_tenant_settings(
+    connection: asyncpg.Connection, tenant_id: UUID, settings: dict[str, Any]
+) -> asyncpg.Record:
+    row = await connection.fetchrow(
+        """UPDATE tenants SET settings = $2, updated_at = now() WHERE id = $1
+           RETURNING id, name, settings, created_at, updated_at""",
+        tenant_id,
+        settings,
+    )
+    assert row is not None
+    return row
+
+
+async def record_audit(
+    connection: asyncpg.Connection,
+    tenant_id: UUID,
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    actor_id: UUID | None = None,
+    severity: str = "info",
+) -> None:
+    await connection.execute(
+        """INSERT INTO audit_log (tenant_id, actor_id, event_kind, severity, payload)
+           VALUES ($1, $2, $3, $4, $5)""",
+        tenant_id,
+        actor_id,
+        kind,
+        severity,
+        mask_value(payload),
     )

@@ -29,9 +29,7 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_online() -> None:
-    engine = create_async_engine(
-        sqlalchemy_url(config.attributes["dsn"]), poolclass=pool.NullPool
-    )
+    engine = create_async_engine(sqlalchemy_url(config.attributes["dsn"]), poolclass=pool.NullPool)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)

@@ -343,6 +343,22 @@ def upgrade() -> None:
     );
     CREATE INDEX ix_artifacts_execution ON artifacts (execution_id);
 
+    -- Security and administration events that belong to no execution: a foreign-tenant
+    -- asset probe, a settings change, a key revocation.
+    CREATE TABLE audit_log (
+        id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+        seq          bigint GENERATED ALWAYS AS IDENTITY,
+        tenant_id    uuid NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
+        actor_id     uuid REFERENCES users (id),
+        event_kind   varchar(50) NOT NULL,
+        severity     varchar(20) NOT NULL DEFAULT 'info',
+        payload      jsonb NOT NULL DEFAULT '{}'::jsonb,
+        created_at   timestamptz NOT NULL DEFAULT now(),
+        CONSTRAINT valid_audit_severity CHECK (severity IN ('info', 'warning', 'critical'))
+    );
+    CREATE INDEX ix_audit_tenant_created ON audit_log (tenant_id, created_at DESC);
+    CREATE INDEX ix_audit_kind_created ON audit_log (event_kind, created_at DESC);
+
     INSERT INTO timeout_policies
         (id, sla_class, action_class, execution_timeout_ms, step_timeout_ms,
          lease_timeout_ms, description)
@@ -364,7 +380,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     execute_script("""
-    DROP TABLE IF EXISTS artifacts, execution_locks, execution_dlq, execution_queue,
+    DROP TABLE IF EXISTS audit_log, artifacts, execution_locks, execution_dlq, execution_queue,
         execution_events, approvals, execution_steps, executions, timeout_policies,
         credentials, assets, api_keys, users, tenants;
     DROP TYPE IF EXISTS approval_state, sla_class, execution_mode, execution_status;
