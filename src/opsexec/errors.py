@@ -7,7 +7,10 @@ an RFC 9457 problem response in one place, and the CLI can show the same code.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
+
+from pydantic import ValidationError as PydanticValidationError
 
 
 class OpsexecError(Exception):
@@ -39,6 +42,18 @@ class ValidationError(OpsexecError):
     code = "validation_error"
     status = 422
     title = "Invalid request"
+
+
+def pointer_from_location(location: Iterable[str | int], prefix: str = "") -> str:
+    """A Pydantic error location as an RFC 6901 JSON pointer under ``prefix``."""
+    escaped = (str(p).replace("~", "~0").replace("/", "~1") for p in location)
+    return prefix + "".join("/" + p for p in escaped)
+
+
+def from_pydantic(exc: PydanticValidationError, *, prefix: str = "") -> ValidationError:
+    """The first error Pydantic found, as our 422 naming the offending field."""
+    error = exc.errors()[0]
+    return ValidationError(error["msg"], pointer=pointer_from_location(error["loc"], prefix))
 
 
 class PlanValidationError(ValidationError):

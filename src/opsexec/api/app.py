@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from opsexec import __version__
 from opsexec.api.problems import install_problem_handlers
-from opsexec.api.routes import health
+from opsexec.api.routes import admin, assets, health
 from opsexec.config import Settings
 from opsexec.engine.bootstrap import Bootstrapped, bootstrap_first_admin, write_admin_key
 from opsexec.observability.logging import install_masking_on_all_handlers
@@ -49,5 +49,6 @@ def create_app(
     )
     app.state.settings = settings
     install_problem_handlers(app)
-    app.include_router(health.router)
+    for module in (health, admin, assets):
+        app.include_router(module.router)
     return app

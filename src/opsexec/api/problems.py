@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from opsexec.errors import OpsexecError
+from opsexec.errors import OpsexecError, pointer_from_location
 from opsexec.safety.masking import mask_text
 
 PROBLEM_JSON = "application/problem+json"
@@ -32,12 +32,11 @@ _HTTP_CODES = {
 
 
 def json_pointer(location: tuple[Any, ...] | list[Any]) -> str:
-    """``("body", "plan", "steps", 0)`` → ``/plan/steps/0`` (RFC 6901 escaping)."""
+    """``("body", "plan", "steps", 0)`` → ``/plan/steps/0``: the request part is implied."""
     parts = list(location)
     if parts and parts[0] in {"body", "query", "path", "header"}:
         parts = parts[1:]
-    escaped = (str(p).replace("~", "~0").replace("/", "~1") for p in parts)
-    return "".join("/" + p for p in escaped)
+    return pointer_from_location(parts)
 
 
 def problem_response(

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from opsexec.errors import ValidationError as OpsexecValidationError
+from opsexec.errors import from_pydantic
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$"
 
@@ -29,17 +30,13 @@ class AssetSpec(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-def _validated(entries: list[Any], source: str) -> list[AssetSpec]:
+def _validated(entries: list[Any]) -> list[AssetSpec]:
     assets = []
     for index, entry in enumerate(entries):
         try:
             assets.append(AssetSpec.model_validate(entry))
         except ValidationError as exc:
-            error = exc.errors()[0]
-            pointer = "/" + "/".join(str(p) for p in (index, *error["loc"]))
-            raise OpsexecValidationError(
-                f"{source} entry {index}: {error['msg']}", pointer=pointer
-            ) from None
+            raise from_pydantic(exc, prefix=f"/{index}") from None
     return assets
 
 
@@ -50,7 +47,7 @@ def parse_yaml_inventory(text: str) -> list[AssetSpec]:
         raise OpsexecValidationError(f"not valid YAML: {exc}", pointer="") from None
     if not isinstance(document, list):
         raise OpsexecValidationError("a YAML inventory is a list of assets", pointer="")
-    return _validated(document, "inventory")
+    return _validated(document)
 
 
 _SECTION = re.compile(r"^\[([^\]]+)\]$")
@@ -98,7 +95,7 @@ def parse_ansible_ini(text: str) -> list[AssetSpec]:
                 entry["environment"] = value
             elif key == "opsexec_credential":
                 entry["credential_ref"] = value
-    return _validated(list(hosts.values()), "inventory")
+    return _validated(list(hosts.values()))
 
 
 def parse_inventory(text: str) -> list[AssetSpec]:

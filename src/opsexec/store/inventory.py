@@ -121,3 +121,28 @@ async def pin_host_key(
         tenant_id,
         host_key,
     )
+
+
+async def replace_asset(
+    connection: asyncpg.Connection, tenant_id: UUID, asset_id: UUID, asset: Mapping[str, Any]
+) -> asyncpg.Record | None:
+    return await connection.fetchrow(
+        f"""UPDATE assets SET name = $3, address = $4::varchar, transport = $5,
+                port = $6::int, environment = $7, tags = $8, credential_ref = $9,
+                metadata = $10,
+                host_key = CASE WHEN address = $4::varchar AND port IS NOT DISTINCT FROM $6::int
+                                THEN host_key END,
+                updated_at = now()
+            WHERE id = $1 AND tenant_id = $2
+            RETURNING {ASSET_COLUMNS}""",
+        asset_id,
+        tenant_id,
+        asset["name"],
+        asset["address"],
+        asset["transport"],
+        asset.get("port"),
+        asset["environment"],
+        list(asset.get("tags") or []),
+        asset.get("credential_ref"),
+        dict(asset.get("metadata") or {}),
+    )
