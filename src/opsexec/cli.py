@@ -8,16 +8,41 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, NoReturn
 
 import typer
 
+from opsexec.client import ApiError, Client, resolve_api_key
 from opsexec.config import get_settings
 from opsexec.observability.logging import configure_logging, uvicorn_log_config
 
 app = typer.Typer(no_args_is_help=True, help="Safe execution of automation plans.")
 admin_app = typer.Typer(no_args_is_help=True, help="Tenants, users and API keys.")
+assets_app = typer.Typer(no_args_is_help=True, help="The inventory of targets.")
 app.add_typer(admin_app, name="admin")
+app.add_typer(assets_app, name="assets")
+
+UrlOption = Annotated[str, typer.Option("--url", envvar="OPSEXEC_URL", help="The opsexec server.")]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="OPSEXEC_API_KEY",
+        help="API key; defaults to the admin key a local `opsexec serve` saved.",
+        show_default=False,
+    ),
+]
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def _client(url: str, api_key: str | None) -> Client:
+    return Client(url, resolve_api_key(api_key, get_settings().data_dir))
+
+
+def _fail(error: ApiError) -> NoReturn:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(code=1)
 
 
 @app.command()
@@ -102,6 +127,30 @@ def admin_bootstrap(
     else:
         typer.echo(f"tenant {result['tenant_id']}\nuser   {result['user_id']}")
         typer.echo(f"API key (shown once): {result['api_key']}")
+
+
+@assets_app.command("import")
+def assets_import(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Create or update assets from a YAML list or an Ansible INI inventory."""
+    from opsexec.engine.inventory import parse_inventory
+    from opsexec.errors import ValidationError
+
+    try:
+        assets = parse_inventory(file.read_text())
+    except ValidationError as exc:
+        typer.echo(f"error: {file}: {exc.detail} (at {exc.pointer})", err=True)
+        raise typer.Exit(code=1) from None
+    payload = [asset.model_dump(exclude_none=True) for asset in assets]
+    try:
+        with _client(url, api_key) as client:
+            result = client.request("POST", "/v1/assets", json=payload)
+    except ApiError as error:
+        _fail(error)
+    typer.echo(f"{result['created']} created, {result['updated']} updated")
 
 
 def main() -> None:

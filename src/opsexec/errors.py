@@ -115,6 +115,23 @@ class ApprovalInvalidatedError(ConflictError):
     title = "Approval invalidated"
 
 
+class IdempotencyKeyReusedError(ConflictError):
+    code = "idempotency_key_reused"
+    title = "Idempotency key reused"
+
+
+class ApprovalLevelNotEnabledError(PermissionDeniedError):
+    """The plan's approval level is above the tenant's enabled maximum (R-ROLL)."""
+
+    code = "approval_level_not_enabled"
+    title = "Approval level not enabled"
+
+
+class ApprovalExpiredError(ConflictError):
+    code = "approval_expired"
+    title = "Approval expired"
+
+
 class ServiceDisabledError(OpsexecError):
     """Kill switch or tenant disabled (R-ROLL)."""
 

@@ -95,7 +95,8 @@ async def test_tenant_settings_merge_validate_and_audit(
     admin = bearer(tenant.admin_key)
     url = f"/v1/tenants/{tenant.id}/settings"
     defaults = (await http.get(url, headers=admin)).json()
-    assert defaults["enabled"] is True and defaults["max_approval_level"] == 3
+    assert defaults["enabled"] is True
+    assert defaults["max_approval_level"] == 3
 
     changed = await http.patch(url, json={"max_approval_level": 1}, headers=admin)
     assert changed.json()["max_approval_level"] == 1

@@ -110,9 +110,7 @@ async def test_concurrent_moves_from_one_status_have_one_winner(
         except FSMError as exc:
             return exc
 
-    outcomes = await asyncio.gather(
-        *(move(t) for t in [S.SUCCEEDED, S.FAILED, S.CANCELLED] * 4)
-    )
+    outcomes = await asyncio.gather(*(move(t) for t in [S.SUCCEEDED, S.FAILED, S.CANCELLED] * 4))
     winners = [o for o in outcomes if isinstance(o, S)]
     assert len(winners) == 1
     status = await pool.fetchval("SELECT status FROM executions WHERE id = $1", execution_id)
@@ -134,7 +132,8 @@ async def test_terminal_move_stamps_end_and_retires_idempotency_key(
             actor_id=None,
             fields={"error_class": "RuntimeError", "error_message": "password=hunter2 failed"},
         )
-    assert row["ended_at"] is not None and row["duration_ms"] >= 0
+    assert row["ended_at"] is not None
+    assert row["duration_ms"] >= 0
     assert row["idempotency_active"] is False
     assert "hunter2" not in row["error_message"]
 

@@ -8,10 +8,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from opsexec import __version__
+from opsexec.actions.registry import default_registry
 from opsexec.api.problems import install_problem_handlers
-from opsexec.api.routes import admin, assets, health
+from opsexec.api.routes import admin, assets, executions, health
 from opsexec.config import Settings
 from opsexec.engine.bootstrap import Bootstrapped, bootstrap_first_admin, write_admin_key
+from opsexec.engine.executor import Executor
 from opsexec.observability.logging import install_masking_on_all_handlers
 from opsexec.store.database import open_database
 
@@ -30,6 +32,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.db = await open_database(settings)
+        app.state.executor = Executor(app.state.db.pool, default_registry(), settings)
         install_masking_on_all_handlers()
         bootstrapped = await bootstrap_first_admin(app.state.db.pool)
         if bootstrapped is not None:
@@ -49,6 +52,6 @@ def create_app(
     )
     app.state.settings = settings
     install_problem_handlers(app)
-    for module in (health, admin, assets):
+    for module in (health, executions, admin, assets):
         app.include_router(module.router)
     return app

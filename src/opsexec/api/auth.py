@@ -5,35 +5,20 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Annotated
-from uuid import UUID
 
 from fastapi import Depends, Request
 
+from opsexec.engine.actor import Actor
 from opsexec.errors import AuthenticationError, PermissionDeniedError
-from opsexec.safety.rbac import Permission, has_permission
+from opsexec.safety.rbac import Permission
 from opsexec.store.identity import find_key_owner
 from opsexec.tenancy import TenantSettings
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """The authenticated caller, with what approvals record about them."""
-
-    tenant_id: UUID
-    tenant_name: str
-    tenant_settings: TenantSettings
-    user_id: UUID
-    principal: str
-    roles: tuple[str, ...]
-    auth_method: str
-    source_ip: str | None
-
-    def can(self, permission: Permission) -> bool:
-        return has_permission(self.roles, permission)
+Principal = Actor
 
 
 def _bearer_token(request: Request) -> str:
@@ -67,6 +52,7 @@ async def authenticate(request: Request) -> Principal:
         roles=owner.roles,
         auth_method="api_key",
         source_ip=_client_ip(request),
+        request_id=request.headers.get("x-request-id"),
     )
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -106,4 +107,176 @@ async def transition(
     if reason:
         payload["reason"] = reason
     await append_event(connection, execution_id, "status_transition", payload)
+    return row
+
+
+FIND_ACTIVE_BY_KEY = """
+SELECT * FROM executions
+WHERE tenant_id = $1 AND idempotency_key = $2 AND idempotency_active
+FOR UPDATE
+"""
+
+INSERT_EXECUTION = """
+INSERT INTO executions (tenant_id, actor_id, request_id, idempotency_key, plan_hash,
+    plan_snapshot, plan_size_bytes, step_count, target_count, execution_mode,
+    approval_level, sla_class, timeout_ms, timeout_policy_id, metadata)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_active DO NOTHING
+RETURNING *
+"""
+
+INSERT_STEPS = """
+INSERT INTO execution_steps (execution_id, step_number, step_key, action, target_type,
+    target_ref, max_retries, timeout_ms, metadata)
+SELECT $1, s.step_number, s.step_key, s.action, s.target_type, s.target_ref, s.max_retries,
+    s.timeout_ms, s.metadata
+FROM unnest($2::int[], $3::varchar[], $4::varchar[], $5::varchar[], $6::varchar[], $7::int[],
+            $8::int[], $9::jsonb[])
+    AS s(step_number, step_key, action, target_type, target_ref, max_retries, timeout_ms,
+         metadata)
+"""
+
+
+async def find_active_by_key(
+    connection: asyncpg.Connection, tenant_id: UUID, idempotency_key: str
+) -> asyncpg.Record | None:
+    """The execution currently holding an idempotency key, locked against a racing retire."""
+    return await connection.fetchrow(FIND_ACTIVE_BY_KEY, tenant_id, idempotency_key)
+
+
+async def retire_idempotency_key(connection: asyncpg.Connection, execution_id: UUID) -> None:
+    await connection.execute(
+        "UPDATE executions SET idempotency_active = false WHERE id = $1", execution_id
+    )
+
+
+async def insert_execution(
+    connection: asyncpg.Connection, values: Mapping[str, Any]
+) -> asyncpg.Record | None:
+    """Insert unless an active execution holds the key (then None: a racing twin won)."""
+    return await connection.fetchrow(
+        INSERT_EXECUTION,
+        values["tenant_id"],
+        values["actor_id"],
+        values.get("request_id"),
+        values["idempotency_key"],
+        values["plan_hash"],
+        values["plan_snapshot"],
+        values["plan_size_bytes"],
+        values["step_count"],
+        values["target_count"],
+        values["execution_mode"],
+        values["approval_level"],
+        values["sla_class"],
+        values["timeout_ms"],
+        values["timeout_policy_id"],
+        values.get("metadata") or {},
+    )
+
+
+async def insert_steps(
+    connection: asyncpg.Connection, execution_id: UUID, steps: Sequence[Mapping[str, Any]]
+) -> None:
+    """All expanded steps in one statement (a plan may expand to 10 000 of them)."""
+    columns = ("step_number", "step_key", "action", "target_type", "target_ref")
+    await connection.execute(
+        INSERT_STEPS,
+        execution_id,
+        *([s[c] for s in steps] for c in columns),
+        [s["max_retries"] for s in steps],
+        [s["timeout_ms"] for s in steps],
+        [s.get("metadata") or {} for s in steps],
+    )
+
+
+async def delete_steps(connection: asyncpg.Connection, execution_id: UUID) -> None:
+    await connection.execute("DELETE FROM execution_steps WHERE execution_id = $1", execution_id)
+
+
+async def get_execution(
+    connection: asyncpg.Connection, tenant_id: UUID, execution_id: UUID, *, for_update: bool = False
+) -> asyncpg.Record | None:
+    lock = " FOR UPDATE" if for_update else ""
+    return await connection.fetchrow(
+        f"SELECT * FROM executions WHERE id = $1 AND tenant_id = $2{lock}",
+        execution_id,
+        tenant_id,
+    )
+
+
+async def execution_tenant(connection: asyncpg.Connection, execution_id: UUID) -> UUID | None:
+    """The owner of an execution — only to record a cross-tenant probe, never to serve it."""
+    tenant_id: UUID | None = await connection.fetchval(
+        "SELECT tenant_id FROM executions WHERE id = $1", execution_id
+    )
+    return tenant_id
+
+
+async def list_executions(
+    connection: asyncpg.Connection,
+    tenant_id: UUID,
+    *,
+    statuses: Sequence[str] | None,
+    before: tuple[datetime, UUID] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Newest first, keyset-paginated on (created_at, id) so pages never shift."""
+    return await connection.fetch(
+        """SELECT * FROM executions
+           WHERE tenant_id = $1
+             AND ($2::execution_status[] IS NULL OR status = ANY ($2::execution_status[]))
+             AND ($3::timestamptz IS NULL OR (created_at, id) < ($3::timestamptz, $4::uuid))
+           ORDER BY created_at DESC, id DESC
+           LIMIT $5""",
+        tenant_id,
+        list(statuses) if statuses else None,
+        before[0] if before else None,
+        before[1] if before else None,
+        limit,
+    )
+
+
+async def step_counts(connection: asyncpg.Connection, execution_id: UUID) -> dict[str, int]:
+    rows = await connection.fetch(
+        """SELECT status::text, count(*) AS n FROM execution_steps
+           WHERE execution_id = $1 GROUP BY status""",
+        execution_id,
+    )
+    return {row["status"]: row["n"] for row in rows}
+
+
+async def list_steps(connection: asyncpg.Connection, execution_id: UUID) -> list[asyncpg.Record]:
+    return await connection.fetch(
+        "SELECT * FROM execution_steps WHERE execution_id = $1 ORDER BY step_number",
+        execution_id,
+    )
+
+
+async def replace_plan(
+    connection: asyncpg.Connection, execution_id: UUID, values: Mapping[str, Any]
+) -> asyncpg.Record:
+    """Swap in an amended plan and everything derived from it."""
+    row = await connection.fetchrow(
+        """UPDATE executions
+           SET plan_hash = $2, plan_snapshot = $3, plan_size_bytes = $4, step_count = $5,
+               target_count = $6, execution_mode = $7, approval_level = $8, sla_class = $9,
+               timeout_ms = $10, timeout_policy_id = $11, idempotency_key = $12,
+               metadata = metadata || $13
+           WHERE id = $1
+           RETURNING *""",
+        execution_id,
+        values["plan_hash"],
+        values["plan_snapshot"],
+        values["plan_size_bytes"],
+        values["step_count"],
+        values["target_count"],
+        values["execution_mode"],
+        values["approval_level"],
+        values["sla_class"],
+        values["timeout_ms"],
+        values["timeout_policy_id"],
+        values["idempotency_key"],
+        values.get("metadata") or {},
+    )
+    assert row is not None
     return row

@@ -14,8 +14,8 @@ from pydantic import ValidationError as PydanticValidationError
 from opsexec.api.auth import Principal, require
 from opsexec.errors import ConflictError, NotFoundError, from_pydantic
 from opsexec.safety.rbac import Permission, unknown_roles
-from opsexec.store import transaction
 from opsexec.store import identity as store
+from opsexec.store import transaction
 from opsexec.tenancy import TenantSettings
 
 router = APIRouter(prefix="/v1", tags=["administration"])

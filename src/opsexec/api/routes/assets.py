@@ -16,8 +16,8 @@ from opsexec.api.auth import Principal, require
 from opsexec.engine.inventory import AssetSpec
 from opsexec.errors import ConflictError, NotFoundError, from_pydantic
 from opsexec.safety.rbac import Permission
-from opsexec.store import transaction
 from opsexec.store import inventory as store
+from opsexec.store import transaction
 from opsexec.store.identity import record_audit
 
 router = APIRouter(prefix="/v1/assets", tags=["inventory"])
