@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 import pytest
+import yaml
 
 from opsexec.config import Settings, get_settings
 from opsexec.store import create_pool, migrate, transaction
@@ -200,3 +201,12 @@ def dump_database(dsn: str) -> str:
         text=True,
     )
     return result.stdout
+
+
+@pytest.fixture
+async def stocked(http: httpx.AsyncClient, tenant: TenantFixture) -> TenantFixture:
+    """The tenant with the shared inventory imported."""
+    inventory = yaml.safe_load((SHARED_DIR / "plans" / "inventory.yaml").read_text())
+    response = await http.post("/v1/assets", json=inventory, headers=bearer(tenant.admin_key))
+    assert response.status_code == 201, response.text
+    return tenant

@@ -18,23 +18,16 @@ from tests.conftest import (
     dump_database,
     make_user,
 )
+from tests.support import other_tenant_admin, problem
 
 pytestmark = pytest.mark.postgres
 
 
-def _problem(response: httpx.Response, status: int, code: str) -> dict[str, object]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    body: dict[str, object] = response.json()
-    assert body["code"] == code
-    return body
-
-
 async def test_missing_wrong_and_malformed_keys_are_401(http: httpx.AsyncClient) -> None:
-    _problem(await http.get("/v1/assets"), 401, "unauthenticated")
-    _problem(await http.get("/v1/assets", headers=bearer("opx_nope")), 401, "unauthenticated")
+    problem(await http.get("/v1/assets"), 401, "unauthenticated")
+    problem(await http.get("/v1/assets", headers=bearer("opx_nope")), 401, "unauthenticated")
     response = await http.get("/v1/assets", headers={"Authorization": "Basic abc"})
-    _problem(response, 401, "unauthenticated")
+    problem(response, 401, "unauthenticated")
     assert response.headers["www-authenticate"] == "Bearer"
 
 
@@ -50,7 +43,7 @@ async def test_user_lifecycle_and_key_revocation(
     again = await http.post(
         "/v1/users", json={"principal": "ops@example.com", "roles": ["operator"]}, headers=admin
     )
-    _problem(again, 409, "conflict")
+    problem(again, 409, "conflict")
 
     key_response = await http.post("/v1/api-keys", json={"user_id": user_id}, headers=admin)
     assert key_response.status_code == 201
@@ -61,17 +54,17 @@ async def test_user_lifecycle_and_key_revocation(
     assert key not in dump_database(database_dsn)
 
     # Operators are not administrators.
-    _problem(await http.get("/v1/users", headers=bearer(key)), 403, "permission_denied")
+    problem(await http.get("/v1/users", headers=bearer(key)), 403, "permission_denied")
 
     disabled = await http.patch(f"/v1/users/{user_id}", json={"disabled": True}, headers=admin)
     assert disabled.json()["disabled"] is True
-    _problem(await http.get("/v1/assets", headers=bearer(key)), 401, "unauthenticated")
+    problem(await http.get("/v1/assets", headers=bearer(key)), 401, "unauthenticated")
     await http.patch(f"/v1/users/{user_id}", json={"disabled": False}, headers=admin)
     assert (await http.get("/v1/assets", headers=bearer(key))).status_code == 200
 
     key_id = key_response.json()["id"]
     assert (await http.delete(f"/v1/api-keys/{key_id}", headers=admin)).status_code == 204
-    _problem(await http.get("/v1/assets", headers=bearer(key)), 401, "unauthenticated")
+    problem(await http.get("/v1/assets", headers=bearer(key)), 401, "unauthenticated")
     listed = (await http.get("/v1/api-keys", headers=admin, params={"user_id": user_id})).json()
     assert listed[0]["revoked_at"] is not None
     assert "api_key" not in listed[0]
@@ -85,7 +78,7 @@ async def test_unknown_role_is_refused_with_pointer(
         json={"principal": "x@example.com", "roles": ["root"]},
         headers=bearer(tenant.admin_key),
     )
-    body = _problem(response, 422, "validation_error")
+    body = problem(response, 422, "validation_error")
     assert body["pointer"] == "/roles"
 
 
@@ -103,9 +96,9 @@ async def test_tenant_settings_merge_validate_and_audit(
     assert changed.json()["enabled"] is True
 
     bad = await http.patch(url, json={"max_approval_level": 7}, headers=admin)
-    assert _problem(bad, 422, "validation_error")["pointer"] == "/max_approval_level"
+    assert problem(bad, 422, "validation_error")["pointer"] == "/max_approval_level"
     unknown = await http.patch(url, json={"colour": "red"}, headers=admin)
-    assert _problem(unknown, 422, "validation_error")["pointer"] == "/colour"
+    assert problem(unknown, 422, "validation_error")["pointer"] == "/colour"
 
     kinds = await pool.fetch(
         "SELECT event_kind FROM audit_log WHERE tenant_id = $1 ORDER BY seq", tenant.id
@@ -118,7 +111,7 @@ async def test_foreign_tenant_settings_are_404_and_recorded(
 ) -> None:
     other = uuid.uuid4()
     response = await http.get(f"/v1/tenants/{other}/settings", headers=bearer(tenant.admin_key))
-    _problem(response, 404, "not_found")
+    problem(response, 404, "not_found")
     row = await pool.fetchrow(
         "SELECT severity, payload FROM audit_log WHERE tenant_id = $1 AND event_kind = $2",
         tenant.id,
@@ -163,7 +156,7 @@ async def test_assets_crud_and_isolation(
     )
     solo = single.json()["assets"][0]
     assert (await http.get(f"/v1/assets/{solo['id']}", headers=admin)).json()["name"] == "solo"
-    _problem(
+    problem(
         await http.post("/v1/assets", json=solo | {"id": None}, headers=bearer(viewer_key)),
         403,
         "permission_denied",
@@ -179,15 +172,15 @@ async def test_assets_crud_and_isolation(
         json={"name": "web-01", "address": "127.0.0.2", "transport": "local"},
         headers=admin,
     )
-    assert _problem(clash, 409, "conflict")["pointer"] == "/name"
+    assert problem(clash, 409, "conflict")["pointer"] == "/name"
 
     # Another tenant's administrator cannot see, change or delete it, and is recorded.
-    other_tenant_key = await _other_tenant_admin(pool)
+    other_tenant_key = await other_tenant_admin(pool)
     for method in ("GET", "DELETE"):
         response = await http.request(
             method, f"/v1/assets/{solo['id']}", headers=bearer(other_tenant_key)
         )
-        _problem(response, 404, "not_found")
+        problem(response, 404, "not_found")
     violations = await pool.fetchval(
         """SELECT count(*) FROM audit_log
            WHERE event_kind = 'rbac_violation' AND payload->>'id' = $1""",
@@ -196,18 +189,7 @@ async def test_assets_crud_and_isolation(
     assert violations == 2
 
     assert (await http.delete(f"/v1/assets/{solo['id']}", headers=admin)).status_code == 204
-    _problem(await http.get(f"/v1/assets/{solo['id']}", headers=admin), 404, "not_found")
-
-
-async def _other_tenant_admin(pool: asyncpg.Pool) -> str:
-    from opsexec.store import transaction
-    from opsexec.store.identity import create_api_key, ensure_tenant, ensure_user
-
-    async with transaction(pool) as connection:
-        tenant_id = await ensure_tenant(connection, f"other-{uuid.uuid4().hex[:8]}")
-        user_id = await ensure_user(connection, tenant_id, "admin@other", ["admin"])
-        _, key = await create_api_key(connection, tenant_id, user_id)
-    return key
+    problem(await http.get(f"/v1/assets/{solo['id']}", headers=admin), 404, "not_found")
 
 
 async def test_invalid_asset_names_the_field(
@@ -218,7 +200,7 @@ async def test_invalid_asset_names_the_field(
         json=[{"name": "ok", "address": "1.2.3.4"}, {"name": "bad", "address": "x", "port": 0}],
         headers=bearer(tenant.admin_key),
     )
-    body = _problem(response, 422, "validation_error")
+    body = problem(response, 422, "validation_error")
     assert str(body["pointer"]).endswith("/1/port")
 
 

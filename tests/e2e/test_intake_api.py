@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import uuid
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
-import yaml
 
 from opsexec.store import transaction
 from opsexec.store.executions import transition
-from tests.conftest import SHARED_DIR, TenantFixture, bearer, dump_database, make_user
+from tests.conftest import TenantFixture, bearer, dump_database, make_user
+from tests.support import count_plan, load, other_tenant_admin, problem, shell_plan
 
 pytestmark = pytest.mark.postgres
 
-PLANS = SHARED_DIR / "plans"
 EXPECTED = {
     "count_assets.json": (0, "fast", "immediate", "fast_read"),
     "planv1_count_assets.json": (0, "fast", "immediate", "fast_read"),
@@ -28,55 +26,6 @@ EXPECTED = {
     "deploy_staging.json": (2, "long", "background", "long_deploy"),
     "deploy_prod_50.json": (3, "long", "background", "long_deploy"),
 }
-
-
-def load(name: str) -> dict[str, Any]:
-    plan: dict[str, Any] = json.loads((PLANS / name).read_text())
-    return plan
-
-
-def count_plan(group_by: str = "tags") -> dict[str, Any]:
-    return {
-        "steps": [
-            {
-                "id": "count",
-                "action": "inventory.count",
-                "targets": [],
-                "inputs": {"group_by": group_by},
-                "estimated_duration_s": 1,
-            }
-        ]
-    }
-
-
-def shell_plan(command: str, target: str = "local-01") -> dict[str, Any]:
-    return {
-        "steps": [
-            {
-                "id": "run",
-                "action": "shell.run",
-                "targets": [target],
-                "inputs": {"command": command},
-                "estimated_duration_s": 1,
-            }
-        ]
-    }
-
-
-@pytest.fixture
-async def stocked(http: httpx.AsyncClient, tenant: TenantFixture) -> TenantFixture:
-    """The tenant with the shared inventory imported."""
-    inventory = yaml.safe_load((PLANS / "inventory.yaml").read_text())
-    response = await http.post("/v1/assets", json=inventory, headers=bearer(tenant.admin_key))
-    assert response.status_code == 201, response.text
-    return tenant
-
-
-def problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body: dict[str, Any] = response.json()
-    assert body["code"] == code, body
-    return body
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -158,8 +107,8 @@ async def test_hundred_concurrent_identical_submits_make_one_row(
 async def _force_status(
     pool: asyncpg.Pool, tenant: TenantFixture, execution_id: str, path: list[str]
 ) -> None:
-    current = (
-        await pool.fetchval("SELECT status FROM executions WHERE id = $1", uuid.UUID(execution_id))
+    current = await pool.fetchval(
+        "SELECT status FROM executions WHERE id = $1", uuid.UUID(execution_id)
     )
     for target in path:
         async with transaction(pool) as connection:
@@ -215,9 +164,8 @@ async def test_succeeded_execution_is_replayed_until_its_window_passes(
 async def test_same_plan_in_another_tenant_is_another_execution(
     http: httpx.AsyncClient, stocked: TenantFixture, pool: asyncpg.Pool
 ) -> None:
-    from tests.e2e.test_identity_api import _other_tenant_admin
 
-    other_key = await _other_tenant_admin(pool)
+    other_key = await other_tenant_admin(pool)
     plan = count_plan("environment")
     mine = await http.post("/v1/executions", json={"plan": plan}, headers=bearer(stocked.admin_key))
     theirs = await http.post("/v1/executions", json={"plan": plan}, headers=bearer(other_key))
@@ -228,7 +176,6 @@ async def test_same_plan_in_another_tenant_is_another_execution(
 async def test_client_idempotency_key_is_honoured_and_tenant_scoped(
     http: httpx.AsyncClient, stocked: TenantFixture, pool: asyncpg.Pool
 ) -> None:
-    from tests.e2e.test_identity_api import _other_tenant_admin
 
     key = {"Idempotency-Key": f"deploy-{uuid.uuid4().hex}"}
     headers = bearer(stocked.admin_key) | key
@@ -242,7 +189,7 @@ async def test_client_idempotency_key_is_honoured_and_tenant_scoped(
     foreign = await http.post(
         "/v1/executions",
         json={"plan": count_plan()},
-        headers=bearer(await _other_tenant_admin(pool)) | key,
+        headers=bearer(await other_tenant_admin(pool)) | key,
     )
     assert foreign.status_code == 201
 
@@ -329,11 +276,12 @@ async def test_refusals_name_code_and_pointer(
 async def test_foreign_tenant_target_is_unknown(
     http: httpx.AsyncClient, stocked: TenantFixture, pool: asyncpg.Pool
 ) -> None:
-    from tests.e2e.test_identity_api import _other_tenant_admin
 
-    other_key = await _other_tenant_admin(pool)
+    other_key = await other_tenant_admin(pool)
     response = await http.post(
-        "/v1/executions", json={"plan": shell_plan("id", target="web-01")}, headers=bearer(other_key)
+        "/v1/executions",
+        json={"plan": shell_plan("id", target="web-01")},
+        headers=bearer(other_key),
     )
     assert problem(response, 422, "unknown_target")["pointer"] == "/plan/steps/0/targets/0"
 
@@ -400,9 +348,7 @@ async def test_missing_permission_is_403(
     assert problem(response, 403, "permission_denied")["permission"] == "automation:deploy"
 
 
-async def test_listing_filters_and_pages(
-    http: httpx.AsyncClient, stocked: TenantFixture
-) -> None:
+async def test_listing_filters_and_pages(http: httpx.AsyncClient, stocked: TenantFixture) -> None:
     headers = bearer(stocked.admin_key)
     for i in range(5):
         await http.post("/v1/executions", json={"plan": shell_plan(f"echo {i}")}, headers=headers)

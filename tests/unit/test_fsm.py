@@ -43,5 +43,5 @@ def test_every_pair(current: ExecutionStatus, target: ExecutionStatus) -> None:
 
 def test_terminal_and_active_partition_the_statuses() -> None:
     assert {S.SUCCEEDED, S.FAILED, S.CANCELLED, S.REJECTED} == TERMINAL
-    assert TERMINAL | ACTIVE == set(S)
+    assert set(S) == TERMINAL | ACTIVE
     assert not TERMINAL & ACTIVE
