@@ -28,8 +28,8 @@ from opsexec.errors import (
 from opsexec.fsm import ExecutionStatus
 from opsexec.plan import snapshot_hash
 from opsexec.safety.rbac import Permission, has_permission
+from opsexec.store import Connection, events, executions, queue, transaction
 from opsexec.store import approvals as store
-from opsexec.store import events, executions, queue, transaction
 from opsexec.store.identity import system_user_id
 from opsexec.tenancy import AutoApprovalPolicy, TenantSettings
 
@@ -80,7 +80,7 @@ def check_may_decide(
 
 
 async def _open_approval(
-    connection: asyncpg.Connection,
+    connection: Connection,
     execution: asyncpg.Record,
     settings: TenantSettings,
     *,
@@ -106,7 +106,7 @@ async def _open_approval(
 
 
 async def request_plan_approval(
-    connection: asyncpg.Connection,
+    connection: Connection,
     execution: asyncpg.Record,
     settings: TenantSettings,
     *,
@@ -131,7 +131,7 @@ async def request_plan_approval(
 
 
 async def request_fresh_approval(
-    connection: asyncpg.Connection,
+    connection: Connection,
     execution: asyncpg.Record,
     settings: TenantSettings,
     *,
@@ -148,7 +148,7 @@ async def request_fresh_approval(
 
 
 async def request_step_approval(
-    connection: asyncpg.Connection,
+    connection: Connection,
     execution: asyncpg.Record,
     settings: TenantSettings,
     *,
@@ -209,7 +209,7 @@ def approval_view(approval: asyncpg.Record) -> dict[str, Any]:
 
 
 async def record_auto_approval(
-    connection: asyncpg.Connection,
+    connection: Connection,
     execution: asyncpg.Record,
     policy: AutoApprovalPolicy,
     *,
@@ -239,7 +239,7 @@ class Decision:
 
 
 async def decide(
-    connection: asyncpg.Connection,
+    connection: Connection,
     actor: Actor,
     execution_id: UUID,
     *,
@@ -372,7 +372,7 @@ async def decide_approval(
 
 
 async def invalidate_tampered(
-    connection: asyncpg.Connection, execution: asyncpg.Record, settings: TenantSettings
+    connection: Connection, execution: asyncpg.Record, settings: TenantSettings
 ) -> None:
     """The snapshot changed behind the API's back: void what was approved and ask again.
 

@@ -5,11 +5,19 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
-Connection = asyncpg.Connection
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    # What store functions accept: a plain connection or one borrowed from the pool.
+    Connection: TypeAlias = (
+        "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+    )
+else:
+    Connection = asyncpg.Connection
 Pool = asyncpg.Pool
 
 
@@ -41,7 +49,7 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 20) -> asy
 
 
 @asynccontextmanager
-async def transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+async def transaction(pool: asyncpg.Pool) -> AsyncIterator[Connection]:
     """One connection, one transaction: commit on success, roll back on any exception."""
     async with pool.acquire() as connection, connection.transaction():
         yield connection

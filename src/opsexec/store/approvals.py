@@ -8,6 +8,8 @@ from uuid import UUID
 
 import asyncpg
 
+from opsexec.store import Connection
+
 _COLUMN_NAMES = (
     "id",
     "execution_id",
@@ -42,7 +44,7 @@ APPROVAL_COLUMNS = _columns()
 
 
 async def request_approval(
-    connection: asyncpg.Connection,
+    connection: Connection,
     execution_id: UUID,
     *,
     level: int,
@@ -72,7 +74,7 @@ async def request_approval(
 
 
 async def record_auto_approval(
-    connection: asyncpg.Connection,
+    connection: Connection,
     execution_id: UUID,
     *,
     level: int,
@@ -100,7 +102,7 @@ async def record_auto_approval(
 
 
 async def pending_approval(
-    connection: asyncpg.Connection, execution_id: UUID, step_number: int | None
+    connection: Connection, execution_id: UUID, step_number: int | None
 ) -> asyncpg.Record | None:
     """The open request (plan-level, or for one gated step), locked for the decision."""
     return await connection.fetchrow(
@@ -115,7 +117,7 @@ async def pending_approval(
 
 
 async def record_decision(
-    connection: asyncpg.Connection,
+    connection: Connection,
     approval_id: UUID,
     *,
     state: str,
@@ -143,7 +145,7 @@ async def record_decision(
     return row
 
 
-async def expire(connection: asyncpg.Connection, approval_id: UUID) -> None:
+async def expire(connection: Connection, approval_id: UUID) -> None:
     await connection.execute(
         """UPDATE approvals SET state = 'expired', decided_at = now()
            WHERE id = $1 AND state = 'pending'""",
@@ -151,7 +153,7 @@ async def expire(connection: asyncpg.Connection, approval_id: UUID) -> None:
     )
 
 
-async def invalidate_all(connection: asyncpg.Connection, execution_id: UUID, why: str) -> int:
+async def invalidate_all(connection: Connection, execution_id: UUID, why: str) -> int:
     """Void every live approval of an execution: what they approved no longer exists."""
     result: str = await connection.execute(
         """UPDATE approvals
@@ -164,16 +166,14 @@ async def invalidate_all(connection: asyncpg.Connection, execution_id: UUID, why
     return int(result.split()[-1])
 
 
-async def list_for_execution(
-    connection: asyncpg.Connection, execution_id: UUID
-) -> list[asyncpg.Record]:
+async def list_for_execution(connection: Connection, execution_id: UUID) -> list[asyncpg.Record]:
     return await connection.fetch(
         f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE execution_id = $1 ORDER BY created_at",
         execution_id,
     )
 
 
-async def list_pending(connection: asyncpg.Connection, tenant_id: UUID) -> list[asyncpg.Record]:
+async def list_pending(connection: Connection, tenant_id: UUID) -> list[asyncpg.Record]:
     return await connection.fetch(
         f"""SELECT {_columns("a")}, e.actor_id AS requester_id, e.status AS execution_status
             FROM approvals a JOIN executions e ON e.id = a.execution_id
@@ -183,7 +183,7 @@ async def list_pending(connection: asyncpg.Connection, tenant_id: UUID) -> list[
     )
 
 
-async def due_for_expiry(connection: asyncpg.Connection, limit: int = 100) -> list[Any]:
+async def due_for_expiry(connection: Connection, limit: int = 100) -> list[Any]:
     """Pending approvals past their deadline, with their execution's tenant."""
     return await connection.fetch(
         """SELECT a.id, a.execution_id, a.step_number, e.tenant_id, e.status

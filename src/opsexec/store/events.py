@@ -6,9 +6,8 @@ from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
-import asyncpg
-
 from opsexec.safety.masking import mask_value
+from opsexec.store import Connection
 
 # The advisory lock serialises event writers of one execution until they commit, so `seq`
 # (allocated at insert) is also commit order within an execution: a stream that read up
@@ -24,7 +23,7 @@ RETURNING seq
 
 
 async def append_event(
-    connection: asyncpg.Connection,
+    connection: Connection,
     execution_id: UUID,
     kind: str,
     payload: Mapping[str, Any] | None = None,

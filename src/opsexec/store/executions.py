@@ -12,6 +12,7 @@ import asyncpg
 from opsexec.errors import FSMError, NotFoundError
 from opsexec.fsm import TERMINAL, ExecutionStatus, check_move
 from opsexec.safety.masking import mask_value
+from opsexec.store import Connection
 from opsexec.store.events import append_event
 
 # Columns a transition may set alongside the status; values are always parameters.
@@ -52,7 +53,7 @@ RETURNING *
 
 
 async def transition(
-    connection: asyncpg.Connection,
+    connection: Connection,
     execution_id: UUID,
     tenant_id: UUID,
     *,
@@ -138,20 +139,20 @@ FROM unnest($2::int[], $3::varchar[], $4::varchar[], $5::varchar[], $6::varchar[
 
 
 async def find_active_by_key(
-    connection: asyncpg.Connection, tenant_id: UUID, idempotency_key: str
+    connection: Connection, tenant_id: UUID, idempotency_key: str
 ) -> asyncpg.Record | None:
     """The execution currently holding an idempotency key, locked against a racing retire."""
     return await connection.fetchrow(FIND_ACTIVE_BY_KEY, tenant_id, idempotency_key)
 
 
-async def retire_idempotency_key(connection: asyncpg.Connection, execution_id: UUID) -> None:
+async def retire_idempotency_key(connection: Connection, execution_id: UUID) -> None:
     await connection.execute(
         "UPDATE executions SET idempotency_active = false WHERE id = $1", execution_id
     )
 
 
 async def insert_execution(
-    connection: asyncpg.Connection, values: Mapping[str, Any]
+    connection: Connection, values: Mapping[str, Any]
 ) -> asyncpg.Record | None:
     """Insert unless an active execution holds the key (then None: a racing twin won)."""
     return await connection.fetchrow(
@@ -175,7 +176,7 @@ async def insert_execution(
 
 
 async def insert_steps(
-    connection: asyncpg.Connection, execution_id: UUID, steps: Sequence[Mapping[str, Any]]
+    connection: Connection, execution_id: UUID, steps: Sequence[Mapping[str, Any]]
 ) -> None:
     """All expanded steps in one statement (a plan may expand to 10 000 of them)."""
     columns = ("step_number", "step_key", "action", "target_type", "target_ref")
@@ -189,12 +190,12 @@ async def insert_steps(
     )
 
 
-async def delete_steps(connection: asyncpg.Connection, execution_id: UUID) -> None:
+async def delete_steps(connection: Connection, execution_id: UUID) -> None:
     await connection.execute("DELETE FROM execution_steps WHERE execution_id = $1", execution_id)
 
 
 async def get_execution(
-    connection: asyncpg.Connection, tenant_id: UUID, execution_id: UUID, *, for_update: bool = False
+    connection: Connection, tenant_id: UUID, execution_id: UUID, *, for_update: bool = False
 ) -> asyncpg.Record | None:
     lock = " FOR UPDATE" if for_update else ""
     return await connection.fetchrow(
@@ -204,7 +205,7 @@ async def get_execution(
     )
 
 
-async def execution_tenant(connection: asyncpg.Connection, execution_id: UUID) -> UUID | None:
+async def execution_tenant(connection: Connection, execution_id: UUID) -> UUID | None:
     """The owner of an execution — only to record a cross-tenant probe, never to serve it."""
     tenant_id: UUID | None = await connection.fetchval(
         "SELECT tenant_id FROM executions WHERE id = $1", execution_id
@@ -213,7 +214,7 @@ async def execution_tenant(connection: asyncpg.Connection, execution_id: UUID) -
 
 
 async def list_executions(
-    connection: asyncpg.Connection,
+    connection: Connection,
     tenant_id: UUID,
     *,
     statuses: Sequence[str] | None,
@@ -236,7 +237,7 @@ async def list_executions(
     )
 
 
-async def step_counts(connection: asyncpg.Connection, execution_id: UUID) -> dict[str, int]:
+async def step_counts(connection: Connection, execution_id: UUID) -> dict[str, int]:
     rows = await connection.fetch(
         """SELECT status::text, count(*) AS n FROM execution_steps
            WHERE execution_id = $1 GROUP BY status""",
@@ -245,7 +246,7 @@ async def step_counts(connection: asyncpg.Connection, execution_id: UUID) -> dic
     return {row["status"]: row["n"] for row in rows}
 
 
-async def list_steps(connection: asyncpg.Connection, execution_id: UUID) -> list[asyncpg.Record]:
+async def list_steps(connection: Connection, execution_id: UUID) -> list[asyncpg.Record]:
     return await connection.fetch(
         "SELECT * FROM execution_steps WHERE execution_id = $1 ORDER BY step_number",
         execution_id,
@@ -253,7 +254,7 @@ async def list_steps(connection: asyncpg.Connection, execution_id: UUID) -> list
 
 
 async def replace_plan(
-    connection: asyncpg.Connection, execution_id: UUID, values: Mapping[str, Any]
+    connection: Connection, execution_id: UUID, values: Mapping[str, Any]
 ) -> asyncpg.Record:
     """Swap in an amended plan and everything derived from it."""
     row = await connection.fetchrow(

@@ -11,6 +11,7 @@ import asyncpg
 
 from opsexec.safety.apikeys import display_prefix, generate_api_key, hash_api_key
 from opsexec.safety.masking import mask_value
+from opsexec.store import Connection
 
 SYSTEM_PRINCIPAL = "system@opsexec"
 
@@ -28,7 +29,7 @@ class KeyOwner:
     roles: tuple[str, ...]
 
 
-async def ensure_tenant(connection: asyncpg.Connection, name: str) -> UUID:
+async def ensure_tenant(connection: Connection, name: str) -> UUID:
     """Create the tenant (and its system user) unless it exists; return its id."""
     tenant_id: UUID = await connection.fetchval(
         """
@@ -51,7 +52,7 @@ async def ensure_tenant(connection: asyncpg.Connection, name: str) -> UUID:
     return tenant_id
 
 
-async def system_user_id(connection: asyncpg.Connection, tenant_id: UUID) -> UUID:
+async def system_user_id(connection: Connection, tenant_id: UUID) -> UUID:
     user_id: UUID = await connection.fetchval(
         "SELECT id FROM users WHERE tenant_id = $1 AND principal = $2",
         tenant_id,
@@ -61,7 +62,7 @@ async def system_user_id(connection: asyncpg.Connection, tenant_id: UUID) -> UUI
 
 
 async def ensure_user(
-    connection: asyncpg.Connection, tenant_id: UUID, principal: str, roles: Sequence[str]
+    connection: Connection, tenant_id: UUID, principal: str, roles: Sequence[str]
 ) -> UUID:
     """Create the user or set its roles; return its id."""
     user_id: UUID = await connection.fetchval(
@@ -79,7 +80,7 @@ async def ensure_user(
 
 
 async def create_api_key(
-    connection: asyncpg.Connection, tenant_id: UUID, user_id: UUID, name: str | None = None
+    connection: Connection, tenant_id: UUID, user_id: UUID, name: str | None = None
 ) -> tuple[UUID, str]:
     """Store a new key's digest and return ``(key_id, key)``; the key is never stored."""
     api_key = generate_api_key()
@@ -100,7 +101,7 @@ async def create_api_key(
     return key_id, api_key
 
 
-async def find_key_owner(connection: asyncpg.Connection, api_key: str) -> KeyOwner | None:
+async def find_key_owner(connection: Connection, api_key: str) -> KeyOwner | None:
     """The live owner of a key, or None if the key is unknown, revoked or its user disabled."""
     row = await connection.fetchrow(
         """
@@ -126,9 +127,7 @@ async def find_key_owner(connection: asyncpg.Connection, api_key: str) -> KeyOwn
     )
 
 
-async def get_user(
-    connection: asyncpg.Connection, tenant_id: UUID, user_id: UUID
-) -> asyncpg.Record | None:
+async def get_user(connection: Connection, tenant_id: UUID, user_id: UUID) -> asyncpg.Record | None:
     return await connection.fetchrow(
         """SELECT id, tenant_id, principal, roles, disabled, created_at, updated_at
            FROM users WHERE id = $1 AND tenant_id = $2 AND NOT is_system""",
@@ -137,7 +136,7 @@ async def get_user(
     )
 
 
-async def list_users(connection: asyncpg.Connection, tenant_id: UUID) -> list[asyncpg.Record]:
+async def list_users(connection: Connection, tenant_id: UUID) -> list[asyncpg.Record]:
     return await connection.fetch(
         """SELECT id, tenant_id, principal, roles, disabled, created_at, updated_at
            FROM users WHERE tenant_id = $1 AND NOT is_system ORDER BY principal""",
@@ -146,7 +145,7 @@ async def list_users(connection: asyncpg.Connection, tenant_id: UUID) -> list[as
 
 
 async def create_user(
-    connection: asyncpg.Connection, tenant_id: UUID, principal: str, roles: Sequence[str]
+    connection: Connection, tenant_id: UUID, principal: str, roles: Sequence[str]
 ) -> asyncpg.Record | None:
     """Insert a user; None if the principal already exists in the tenant."""
     return await connection.fetchrow(
@@ -160,7 +159,7 @@ async def create_user(
 
 
 async def update_user(
-    connection: asyncpg.Connection,
+    connection: Connection,
     tenant_id: UUID,
     user_id: UUID,
     *,
@@ -181,7 +180,7 @@ async def update_user(
 
 
 async def current_roles(
-    connection: asyncpg.Connection, tenant_id: UUID, user_id: UUID
+    connection: Connection, tenant_id: UUID, user_id: UUID
 ) -> tuple[str, ...] | None:
     """The roles a user holds right now, or None if the user is gone or disabled.
 
@@ -199,7 +198,7 @@ async def current_roles(
 
 
 async def list_api_keys(
-    connection: asyncpg.Connection, tenant_id: UUID, user_id: UUID | None = None
+    connection: Connection, tenant_id: UUID, user_id: UUID | None = None
 ) -> list[asyncpg.Record]:
     return await connection.fetch(
         """SELECT id, user_id, key_prefix, name, created_at, last_used_at, revoked_at
@@ -210,7 +209,7 @@ async def list_api_keys(
     )
 
 
-async def revoke_api_key(connection: asyncpg.Connection, tenant_id: UUID, key_id: UUID) -> bool:
+async def revoke_api_key(connection: Connection, tenant_id: UUID, key_id: UUID) -> bool:
     revoked = await connection.fetchval(
         """UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
            WHERE id = $1 AND tenant_id = $2 RETURNING id""",
@@ -220,7 +219,7 @@ async def revoke_api_key(connection: asyncpg.Connection, tenant_id: UUID, key_id
     return revoked is not None
 
 
-async def get_tenant(connection: asyncpg.Connection, tenant_id: UUID) -> asyncpg.Record | None:
+async def get_tenant(connection: Connection, tenant_id: UUID) -> asyncpg.Record | None:
     return await connection.fetchrow(
         "SELECT id, name, settings, created_at, updated_at FROM tenants WHERE id = $1",
         tenant_id,
@@ -228,7 +227,7 @@ async def get_tenant(connection: asyncpg.Connection, tenant_id: UUID) -> asyncpg
 
 
 async def replace_tenant_settings(
-    connection: asyncpg.Connection, tenant_id: UUID, settings: dict[str, Any]
+    connection: Connection, tenant_id: UUID, settings: dict[str, Any]
 ) -> asyncpg.Record:
     row = await connection.fetchrow(
         """UPDATE tenants SET settings = $2, updated_at = now() WHERE id = $1
@@ -241,7 +240,7 @@ async def replace_tenant_settings(
 
 
 async def record_audit(
-    connection: asyncpg.Connection,
+    connection: Connection,
     tenant_id: UUID,
     kind: str,
     payload: dict[str, Any],

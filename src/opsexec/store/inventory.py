@@ -8,6 +8,8 @@ from uuid import UUID
 
 import asyncpg
 
+from opsexec.store import Connection
+
 ASSET_COLUMNS = """id, tenant_id, name, address, transport, port, environment, tags,
     credential_ref, host_key, metadata, created_at, updated_at"""
 
@@ -33,30 +35,30 @@ RETURNING {ASSET_COLUMNS}, (xmax = 0) AS created
 
 
 async def upsert_assets(
-    connection: asyncpg.Connection, tenant_id: UUID, assets: Sequence[Mapping[str, Any]]
+    connection: Connection, tenant_id: UUID, assets: Sequence[Mapping[str, Any]]
 ) -> list[asyncpg.Record]:
     """Create or replace assets by name; each row says whether it was ``created``."""
-    rows = []
+    rows: list[asyncpg.Record] = []
     for asset in assets:
-        rows.append(
-            await connection.fetchrow(
-                UPSERT_ASSET,
-                tenant_id,
-                asset["name"],
-                asset["address"],
-                asset["transport"],
-                asset.get("port"),
-                asset["environment"],
-                list(asset.get("tags") or []),
-                asset.get("credential_ref"),
-                dict(asset.get("metadata") or {}),
-            )
+        row = await connection.fetchrow(
+            UPSERT_ASSET,
+            tenant_id,
+            asset["name"],
+            asset["address"],
+            asset["transport"],
+            asset.get("port"),
+            asset["environment"],
+            list(asset.get("tags") or []),
+            asset.get("credential_ref"),
+            dict(asset.get("metadata") or {}),
         )
+        assert row is not None
+        rows.append(row)
     return rows
 
 
 async def list_assets(
-    connection: asyncpg.Connection,
+    connection: Connection,
     tenant_id: UUID,
     *,
     environment: str | None = None,
@@ -75,7 +77,7 @@ async def list_assets(
 
 
 async def get_asset(
-    connection: asyncpg.Connection, tenant_id: UUID, asset_id: UUID
+    connection: Connection, tenant_id: UUID, asset_id: UUID
 ) -> asyncpg.Record | None:
     return await connection.fetchrow(
         f"SELECT {ASSET_COLUMNS} FROM assets WHERE id = $1 AND tenant_id = $2",
@@ -84,7 +86,7 @@ async def get_asset(
     )
 
 
-async def asset_tenant(connection: asyncpg.Connection, asset_id: UUID) -> UUID | None:
+async def asset_tenant(connection: Connection, asset_id: UUID) -> UUID | None:
     """Which tenant owns an asset — only to record a cross-tenant probe, never to serve it."""
     tenant_id: UUID | None = await connection.fetchval(
         "SELECT tenant_id FROM assets WHERE id = $1", asset_id
@@ -93,7 +95,7 @@ async def asset_tenant(connection: asyncpg.Connection, asset_id: UUID) -> UUID |
 
 
 async def assets_by_name(
-    connection: asyncpg.Connection, tenant_id: UUID, names: Collection[str]
+    connection: Connection, tenant_id: UUID, names: Collection[str]
 ) -> dict[str, asyncpg.Record]:
     rows = await connection.fetch(
         f"SELECT {ASSET_COLUMNS} FROM assets WHERE tenant_id = $1 AND name = ANY ($2::text[])",
@@ -103,7 +105,7 @@ async def assets_by_name(
     return {row["name"]: row for row in rows}
 
 
-async def delete_asset(connection: asyncpg.Connection, tenant_id: UUID, asset_id: UUID) -> bool:
+async def delete_asset(connection: Connection, tenant_id: UUID, asset_id: UUID) -> bool:
     deleted = await connection.fetchval(
         "DELETE FROM assets WHERE id = $1 AND tenant_id = $2 RETURNING id", asset_id, tenant_id
     )
@@ -111,7 +113,7 @@ async def delete_asset(connection: asyncpg.Connection, tenant_id: UUID, asset_id
 
 
 async def pin_host_key(
-    connection: asyncpg.Connection, tenant_id: UUID, asset_id: UUID, host_key: str
+    connection: Connection, tenant_id: UUID, asset_id: UUID, host_key: str
 ) -> None:
     """Trust on first use: record the key only if none is pinned yet."""
     await connection.execute(
@@ -124,7 +126,7 @@ async def pin_host_key(
 
 
 async def replace_asset(
-    connection: asyncpg.Connection, tenant_id: UUID, asset_id: UUID, asset: Mapping[str, Any]
+    connection: Connection, tenant_id: UUID, asset_id: UUID, asset: Mapping[str, Any]
 ) -> asyncpg.Record | None:
     return await connection.fetchrow(
         f"""UPDATE assets SET name = $3, address = $4::varchar, transport = $5,

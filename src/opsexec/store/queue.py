@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
-import asyncpg
+from opsexec.store import Connection
 
 # A job that waits for an approval exists from the start (so nothing is lost between
 # submit and approval) but is invisible to workers until the approval releases it.
@@ -16,7 +16,7 @@ RETURNING id
 
 
 async def enqueue(
-    connection: asyncpg.Connection,
+    connection: Connection,
     execution_id: UUID,
     *,
     priority: int,
@@ -29,7 +29,7 @@ async def enqueue(
     return queue_id
 
 
-async def release(connection: asyncpg.Connection, execution_id: UUID) -> None:
+async def release(connection: Connection, execution_id: UUID) -> None:
     """Make a queued job runnable now (its approval arrived) and wake the workers."""
     await connection.execute(
         """UPDATE execution_queue SET available_at = now()
@@ -39,7 +39,7 @@ async def release(connection: asyncpg.Connection, execution_id: UUID) -> None:
     await connection.execute("SELECT pg_notify('opsexec_queue', $1::text)", str(execution_id))
 
 
-async def close_unrun(connection: asyncpg.Connection, execution_id: UUID, reason: str) -> None:
+async def close_unrun(connection: Connection, execution_id: UUID, reason: str) -> None:
     """The execution ended before any worker ran it (rejected, cancelled): retire its job."""
     await connection.execute(
         """UPDATE execution_queue

@@ -201,6 +201,7 @@ async def update_tenant_settings(
         row = await connection.fetchrow(
             "SELECT settings FROM tenants WHERE id = $1 FOR UPDATE", tenant_id
         )
+        assert row is not None, "the caller's own tenant exists"
         before = TenantSettings.from_stored(row["settings"])
         try:
             after = TenantSettings.model_validate({**before.model_dump(), **changes})

@@ -19,6 +19,7 @@ from opsexec.engine.executor import Executor, Submission
 from opsexec.errors import ValidationError
 from opsexec.fsm import ExecutionStatus
 from opsexec.safety.rbac import Permission
+from opsexec.store import Connection
 from opsexec.store import approvals as approval_store
 from opsexec.store import executions as store
 
@@ -160,7 +161,7 @@ def _counts(raw: dict[str, int]) -> StepCounts:
     )
 
 
-async def execution_view(connection: asyncpg.Connection, row: asyncpg.Record) -> ExecutionOut:
+async def execution_view(connection: Connection, row: asyncpg.Record) -> ExecutionOut:
     metadata = row["metadata"]
     base = f"/v1/executions/{row['id']}"
     return ExecutionOut(
