@@ -30,6 +30,8 @@ from opsexec.store.embedded import EmbeddedPostgres
 from opsexec.store.identity import create_api_key, ensure_tenant, ensure_user
 from tests.services import missing_service
 
+pytest_plugins = ["tests.fixtures.sshd"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("OPSEXEC_SHARED_DIR", REPO_ROOT.parent / "shared"))
 

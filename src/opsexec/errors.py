@@ -235,3 +235,61 @@ class CommandTimeoutError(StepTimeoutError):
         super().__init__(detail, extra=extra)
         self.stdout = stdout
         self.stderr = stderr
+
+
+# --- secrets: stored credentials, their master key, and references to them ---------
+
+
+class SecretNotFoundError(NotFoundError):
+    """A secret reference names nothing its backend holds for this tenant.
+
+    The detail names the reference (``db-password``, ``env:DEPLOY_TOKEN``), never a value.
+    At the worker the step fails with it, before the action runs.
+    """
+
+    code = "secret_not_found"
+    title = "Secret not found"
+
+
+class SecretUnusableError(ValidationError):
+    """A secret value cannot be used safely: too short to be redacted from output.
+
+    Value-based masking ignores values under ``MIN_SECRET_LENGTH`` characters (they occur
+    inside ordinary words), so such a value would reach logs and events in clear text.
+    """
+
+    code = "secret_unusable"
+    title = "Secret unusable"
+
+
+class SecretKeyError(OpsexecError):
+    """The master key is malformed, unreadable, or not the key the stored rows need.
+
+    A configuration fault an operator must fix; the detail never contains key material.
+    """
+
+    code = "secret_key_error"
+    status = 500
+    title = "Secret key problem"
+
+
+class SecretDecryptionError(OpsexecError):
+    """A stored credential failed to decrypt: altered, moved, or under another key.
+
+    AES-GCM authenticates the ciphertext together with the tenant, name and kind, so a row
+    edited in place or copied to another tenant or name is refused rather than misused.
+    """
+
+    code = "secret_undecryptable"
+    status = 500
+    title = "Secret cannot be decrypted"
+
+
+class TransportUnavailableError(TransportError):
+    """The target's transport (winrm, say) is not one this opsexec provides."""
+
+    code = "transport_unavailable"
+    title = "Transport unavailable"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, retryable=False)
