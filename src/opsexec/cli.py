@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 from opsexec.client import ApiError, Client, resolve_api_key
 from opsexec.config import get_settings
 from opsexec.observability.logging import configure_logging, uvicorn_log_config
+
+if TYPE_CHECKING:
+    from opsexec.store import Connection
 
 app = typer.Typer(no_args_is_help=True, help="Safe execution of automation plans.")
 admin_app = typer.Typer(no_args_is_help=True, help="Tenants, users and API keys.")
@@ -100,33 +104,104 @@ def admin_bootstrap(
 ) -> None:
     """Create (or reuse) a tenant and user and mint a new API key for them."""
     from opsexec.safety.rbac import unknown_roles
-    from opsexec.store import transaction
-    from opsexec.store.database import open_database
     from opsexec.store.identity import create_api_key, ensure_tenant, ensure_user
 
     role_list = [r.strip() for r in roles.split(",") if r.strip()]
     if bad := unknown_roles(role_list):
         raise typer.BadParameter(f"unknown roles: {', '.join(bad)}", param_hint="--roles")
-    settings = get_settings()
-    configure_logging(settings.log_level, settings.log_format)
 
-    async def run() -> dict[str, str]:
-        database = await open_database(settings)
-        try:
-            async with transaction(database.pool) as connection:
-                tenant_id = await ensure_tenant(connection, tenant)
-                user_id = await ensure_user(connection, tenant_id, user, role_list)
-                _, api_key = await create_api_key(connection, tenant_id, user_id, "cli")
-        finally:
-            await database.close()
+    async def work(connection: Connection) -> dict[str, str]:
+        tenant_id = await ensure_tenant(connection, tenant)
+        user_id = await ensure_user(connection, tenant_id, user, role_list)
+        _, api_key = await create_api_key(connection, tenant_id, user_id, "cli")
         return {"tenant_id": str(tenant_id), "user_id": str(user_id), "api_key": api_key}
 
-    result = asyncio.run(run())
+    result = _admin_via_database(work)
     if as_json:
         typer.echo(json.dumps(result))
     else:
         typer.echo(f"tenant {result['tenant_id']}\nuser   {result['user_id']}")
         typer.echo(f"API key (shown once): {result['api_key']}")
+
+
+def _admin_via_database(work: Callable[[Connection], Awaitable[Any]]) -> Any:
+    """Run ``work`` in one transaction against this machine's database (operator commands)."""
+    from opsexec.store import transaction
+    from opsexec.store.database import open_database
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+
+    async def run() -> Any:
+        database = await open_database(settings)
+        try:
+            async with transaction(database.pool) as connection:
+                return await work(connection)
+        finally:
+            await database.close()
+
+    return asyncio.run(run())
+
+
+def _tenant_id(connection: Connection, tenant: str) -> Awaitable[Any]:
+    return connection.fetchval("SELECT id FROM tenants WHERE name = $1", tenant)
+
+
+@admin_app.command("create-user")
+def admin_create_user(
+    tenant: Annotated[str, typer.Option(help="Existing tenant name.")],
+    user: Annotated[str, typer.Option(help="User principal, e.g. an email.")],
+    roles: Annotated[str, typer.Option(help="Comma-separated roles.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Create a user (or set an existing user's roles) in an existing tenant."""
+    from opsexec.safety.rbac import unknown_roles
+    from opsexec.store.identity import ensure_user
+
+    role_list = [r.strip() for r in roles.split(",") if r.strip()]
+    if bad := unknown_roles(role_list):
+        raise typer.BadParameter(f"unknown roles: {', '.join(bad)}", param_hint="--roles")
+
+    async def work(connection: Connection) -> dict[str, str] | None:
+        tenant_id = await _tenant_id(connection, tenant)
+        if tenant_id is None:
+            return None
+        user_id = await ensure_user(connection, tenant_id, user, role_list)
+        return {"tenant_id": str(tenant_id), "user_id": str(user_id)}
+
+    result = _admin_via_database(work)
+    if result is None:
+        typer.echo(f"error: no tenant named {tenant}", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(json.dumps(result) if as_json else f"user {result['user_id']}")
+
+
+@admin_app.command("create-key")
+def admin_create_key(
+    tenant: Annotated[str, typer.Option(help="Existing tenant name.")],
+    user: Annotated[str, typer.Option(help="Existing user principal.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Mint a new API key for an existing user; it is shown once."""
+    from opsexec.store.identity import create_api_key
+
+    async def work(connection: Connection) -> dict[str, str] | None:
+        row = await connection.fetchrow(
+            """SELECT u.tenant_id, u.id FROM users u JOIN tenants t ON t.id = u.tenant_id
+               WHERE t.name = $1 AND u.principal = $2 AND NOT u.is_system""",
+            tenant,
+            user,
+        )
+        if row is None:
+            return None
+        key_id, api_key = await create_api_key(connection, row["tenant_id"], row["id"], "cli")
+        return {"key_id": str(key_id), "user_id": str(row["id"]), "api_key": api_key}
+
+    result = _admin_via_database(work)
+    if result is None:
+        typer.echo(f"error: no user {user} in tenant {tenant}", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(json.dumps(result) if as_json else f"API key (shown once): {result['api_key']}")
 
 
 @assets_app.command("import")

@@ -42,7 +42,11 @@ class Client:
         self._http.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._http.request(method, path, **kwargs)
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            detail = f"cannot reach {self._http.base_url}: {exc}"
+            raise ApiError(0, {"code": "unreachable", "detail": detail}) from None
         if response.status_code >= 400:
             try:
                 problem = response.json()

@@ -34,12 +34,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib.metadata import entry_points
-from typing import Annotated, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, runtime_checkable
 from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
 from opsexec.plan import SecretRef, is_secret_ref
+
+if TYPE_CHECKING:
+    from opsexec.actions.transports.base import Transport
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -321,6 +324,15 @@ class ActionContext(Protocol):
     @property
     def inventory(self) -> InventoryReader:
         """The tenant's inventory (used by ``inventory.*``)."""
+        ...
+
+    async def transport(self) -> Transport:
+        """A command transport to ``asset`` (local or SSH), connected with its credential.
+
+        The engine owns connection details: credential lookup, host-key pinning
+        (trust on first use, mismatch refused) and closing the connection after the step.
+        Raises ``TransportUnavailableError`` for a target no transport can reach (winrm).
+        """
         ...
 
     async def resolve_secret(self, name: str) -> str:

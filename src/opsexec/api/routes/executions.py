@@ -16,15 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from opsexec.api.auth import CurrentPrincipal, Principal, require
 from opsexec.engine.approvals import approval_view, decide_approval
 from opsexec.engine.executor import Executor, Submission
-from opsexec.errors import ValidationError
+from opsexec.errors import NotFoundError, ValidationError
 from opsexec.fsm import ExecutionStatus
+from opsexec.safety.cancellation import request_cancel
 from opsexec.safety.rbac import Permission
 from opsexec.store import Connection
 from opsexec.store import approvals as approval_store
 from opsexec.store import executions as store
+from opsexec.store.steps import artifact_for_step
 
 router = APIRouter(prefix="/v1", tags=["executions"])
 Reader = Annotated[Principal, Depends(require(Permission.EXECUTION_READ))]
+Canceller = Annotated[Principal, Depends(require(Permission.EXECUTION_CANCEL))]
 
 COUNT_ASSETS_EXAMPLE = {
     "plan": {
@@ -70,6 +73,14 @@ class RejectRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str = Field(min_length=1, max_length=2000)
     step_number: int | None = Field(default=None, ge=1)
+
+
+class CancelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str | None = Field(default=None, max_length=2000)
+    force: bool = Field(
+        default=False, description="Also interrupt the running step (its process is killed)."
+    )
 
 
 class StepCounts(BaseModel):
@@ -347,6 +358,51 @@ async def reject(
         approve=False,
         reason=body.reason,
         step_number=body.step_number,
+    )
+
+
+@router.post("/executions/{execution_id}/cancel", response_model=ExecutionDetail)
+async def cancel(
+    execution_id: UUID,
+    request: Request,
+    principal: Canceller,
+    body: CancelRequest | None = None,
+) -> ExecutionDetail:
+    """Cancel; idempotent. A running execution stops at its next step boundary."""
+    body = body or CancelRequest()
+    await load_execution(request, principal, execution_id)
+    engine = getattr(request.app.state, "engine", None)
+    row = await request_cancel(
+        request.app.state.db.pool,
+        principal,
+        execution_id,
+        reason=body.reason,
+        force=body.force,
+        interrupt=engine.interrupt if engine is not None else None,
+    )
+    return await _detail(request, row)
+
+
+@router.get(
+    "/executions/{execution_id}/steps/{step_number}/output",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+async def step_output(
+    execution_id: UUID, step_number: int, request: Request, principal: Reader
+) -> Response:
+    """The full (masked) output of one step, with its content type."""
+    await load_execution(request, principal, execution_id)
+    async with request.app.state.db.pool.acquire() as connection:
+        artifact = await artifact_for_step(
+            connection, principal.tenant_id, execution_id, step_number
+        )
+    if artifact is None:
+        raise NotFoundError(f"step {step_number} of execution {execution_id} has no output")
+    return Response(
+        content=bytes(artifact["content"]),
+        media_type=artifact["content_type"],
+        headers={"X-Output-Size": str(artifact["size_bytes"])},
     )
 
 
