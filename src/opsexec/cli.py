@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from opsexec.cli_secrets import register as register_secret_commands
 from opsexec.client import ApiError, Client, resolve_api_key
 from opsexec.config import get_settings
 from opsexec.observability.logging import configure_logging, uvicorn_log_config
@@ -25,6 +26,7 @@ app = typer.Typer(no_args_is_help=True, help="Safe execution of automation plans
 admin_app = typer.Typer(no_args_is_help=True, help="Tenants, users and API keys.")
 assets_app = typer.Typer(no_args_is_help=True, help="The inventory of targets.")
 app.add_typer(admin_app, name="admin")
+register_secret_commands(admin_app)
 app.add_typer(assets_app, name="assets")
 
 UrlOption = Annotated[str, typer.Option("--url", envvar="OPSEXEC_URL", help="The opsexec server.")]
@@ -53,6 +55,9 @@ def _fail(error: ApiError) -> NoReturn:
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    worker_concurrency: Annotated[
+        int, typer.Option(help="Background jobs run in this process (0: none).", min=0)
+    ] = 2,
 ) -> None:
     """Run the HTTP API (migrating the database and creating the first admin if needed)."""
     import uvicorn
@@ -72,7 +77,9 @@ def serve(
         )
 
     uvicorn.run(
-        create_app(settings, on_admin_created=show_admin_key),
+        create_app(
+            settings, on_admin_created=show_admin_key, worker_concurrency=worker_concurrency
+        ),
         host=host,
         port=port,
         log_config=uvicorn_log_config(settings.log_level, settings.log_format),
@@ -93,6 +100,66 @@ def migrate() -> None:
 
     asyncio.run(run())
     typer.echo("database schema is at head")
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Jobs run at once.", min=1)] = 4,
+    worker_id: Annotated[
+        str | None, typer.Option(help="Name in leases and logs (default host:pid).")
+    ] = None,
+) -> None:
+    """Run background jobs until SIGTERM/SIGINT, then drain gracefully and exit 0."""
+    import signal
+
+    from opsexec.engine.services import open_services
+    from opsexec.queue.worker import Worker, WorkerOptions, default_worker_id
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+
+    async def run() -> None:
+        services = await open_services(settings)
+        try:
+            options = WorkerOptions(
+                concurrency=concurrency,
+                worker_id=worker_id or default_worker_id(),
+                shutdown_grace_s=settings.shutdown_grace_s,
+                reaper_interval_s=settings.reaper_interval_s,
+                backoff_unit_s=settings.queue_backoff_unit_s,
+            )
+            job_runner = Worker(services.db.pool, services.db.dsn, services.engine, options)
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, job_runner.stop)
+            await job_runner.run()
+        finally:
+            await services.close()
+
+    asyncio.run(run())
+
+
+@app.command()
+def reap() -> None:
+    """One reaper pass: expired leases, locks and approvals."""
+    from opsexec.queue.reaper import Reaper
+    from opsexec.store.database import open_database
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+
+    async def run() -> Any:
+        database = await open_database(settings)
+        try:
+            return await Reaper(database.pool).reap_once()
+        finally:
+            await database.close()
+
+    report = asyncio.run(run())
+    typer.echo(
+        f"{report.leases} leases, {report.locks} locks, {report.approvals} approvals reaped"
+        f"{' (another reaper was active)' if report.skipped else ''}"
+    )
 
 
 @admin_app.command("bootstrap")

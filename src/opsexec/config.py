@@ -47,6 +47,9 @@ class Settings(BaseSettings):
         default=False, description="Record everything, run no action (all tenants)."
     )
     reaper_interval_s: float = Field(default=60.0, gt=0, description="Reaper period.")
+    queue_backoff_unit_s: float = Field(
+        default=1.0, gt=0, description="Queue retry backoff is 2^attempt times this."
+    )
     shutdown_grace_s: float = Field(
         default=30.0, ge=0, description="How long running steps may finish on SIGTERM."
     )

@@ -296,7 +296,7 @@ def test_lock_scope_may_depend_on_inputs() -> None:
 
 
 def test_attach_pairs_a_runner_with_its_spec() -> None:
-    registry = default_registry()
+    registry = ActionRegistry(builtin_specs())
     shell = registry.require("shell.run")
     runner = EchoAction(shell)
     assert isinstance(runner, Action)

@@ -538,8 +538,14 @@ def builtin_specs() -> tuple[ActionSpec, ...]:
 
 
 def default_registry() -> ActionRegistry:
-    """A fresh registry holding the built-ins (no entry points, no I/O).
+    """A fresh registry holding the built-ins with their runners (no entry points, no I/O).
 
     Fresh on every call so a test or a plugin load never leaks into another caller.
+    Importing the runners loads ``httpx`` but opens nothing: transports and clients are
+    created only inside ``run``.
     """
-    return ActionRegistry(builtin_specs())
+    from opsexec.actions.builtin import register_builtins
+
+    registry = ActionRegistry(builtin_specs())
+    register_builtins(registry)
+    return registry

@@ -2,47 +2,71 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from opsexec import __version__
-from opsexec.actions.registry import default_registry
 from opsexec.api.problems import install_problem_handlers
-from opsexec.api.routes import admin, assets, executions, health
+from opsexec.api.routes import admin, assets, credentials, executions, health
 from opsexec.config import Settings
 from opsexec.engine.bootstrap import Bootstrapped, bootstrap_first_admin, write_admin_key
-from opsexec.engine.executor import Executor
+from opsexec.engine.services import open_services
 from opsexec.observability.logging import install_masking_on_all_handlers
-from opsexec.store.database import open_database
+from opsexec.queue.worker import Worker, WorkerOptions
 
 
 def create_app(
     settings: Settings,
     *,
     on_admin_created: Callable[[Bootstrapped, str], None] | None = None,
+    worker_concurrency: int = 0,
+    retry_backoff_s: float = 1.0,
 ) -> FastAPI:
     """Build the app; the database opens when the server starts, not at import.
 
     ``on_admin_created(bootstrapped, key_file)`` is called once, on the very first start,
-    so the CLI can show the new admin key; library code never prints it.
+    so the CLI can show the new admin key; library code never prints it. With
+    ``worker_concurrency`` > 0 the process also runs a background worker.
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.db = await open_database(settings)
-        app.state.executor = Executor(app.state.db.pool, default_registry(), settings)
+        services = await open_services(settings, retry_backoff_s=retry_backoff_s)
+        app.state.services = services
+        app.state.db = services.db
+        app.state.secret_master_key = services.master_key
+        app.state.secret_backend = services.secrets
+        app.state.engine = services.engine
+        app.state.executor = services.executor
         install_masking_on_all_handlers()
         bootstrapped = await bootstrap_first_admin(app.state.db.pool)
         if bootstrapped is not None:
             key_file = write_admin_key(settings.data_dir, bootstrapped.api_key)
             if on_admin_created is not None:
                 on_admin_created(bootstrapped, str(key_file))
+        worker = None
+        if worker_concurrency > 0:
+            worker = Worker(
+                services.db.pool,
+                services.db.dsn,
+                services.engine,
+                WorkerOptions(
+                    concurrency=worker_concurrency,
+                    shutdown_grace_s=settings.shutdown_grace_s,
+                    reaper_interval_s=settings.reaper_interval_s,
+                ),
+            )
+            worker_task = asyncio.create_task(worker.run())
         try:
             yield
         finally:
-            await app.state.db.close()
+            if worker is not None:
+                worker.stop()
+                await worker_task
+            await services.close()
 
     app = FastAPI(
         title="opsexec",
@@ -52,6 +76,6 @@ def create_app(
     )
     app.state.settings = settings
     install_problem_handlers(app)
-    for module in (health, executions, admin, assets):
+    for module in (health, executions, admin, assets, credentials):
         app.include_router(module.router)
     return app

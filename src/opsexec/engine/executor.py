@@ -41,7 +41,7 @@ from opsexec.plan import (
     load_plan,
     plan_hash,
 )
-from opsexec.policy import Classification, ExecutionMode, classify
+from opsexec.policy import Classification, ExecutionMode, classify, lease_timeout_ms
 from opsexec.store import Connection, events, executions, queue, transaction
 from opsexec.store import approvals as approval_store
 from opsexec.store.identity import record_audit
@@ -289,17 +289,7 @@ class Executor:
                 connection, row["id"], "execution_started", self._started_payload(row, prepared)
             )
             row = await self._route_approval(connection, actor, row, prepared)
-            if row["execution_mode"] == ExecutionMode.BACKGROUND:
-                runnable = row["status"] == S.APPROVED
-                await queue.enqueue(
-                    connection,
-                    row["id"],
-                    priority=prepared.classification.priority,
-                    max_attempts=prepared.classification.max_attempts,
-                    runnable=runnable,
-                )
-                if runnable:
-                    await queue.release(connection, row["id"])
+            await _enqueue_background(connection, row, prepared)
         logger.info(
             "execution submitted",
             extra={
@@ -525,17 +515,7 @@ class Executor:
             )
         else:
             row = await self._route_approval(connection, actor, row, prepared)
-        if row["execution_mode"] == ExecutionMode.BACKGROUND:
-            runnable = row["status"] == S.APPROVED
-            await queue.enqueue(
-                connection,
-                row["id"],
-                priority=prepared.classification.priority,
-                max_attempts=prepared.classification.max_attempts,
-                runnable=runnable,
-            )
-            if runnable:
-                await queue.release(connection, row["id"])
+        await _enqueue_background(connection, row, prepared)
         return row
 
     # --- reads ---------------------------------------------------------------------------
@@ -556,6 +536,27 @@ class Executor:
             await record_foreign_probe(self.pool, actor, "execution", execution_id)
             raise NotFoundError(f"execution {execution_id} not found")
         return row
+
+
+async def _enqueue_background(
+    connection: Connection, row: asyncpg.Record, prepared: Prepared
+) -> None:
+    """Background executions get their queue row in the transaction that made them."""
+    if row["execution_mode"] != ExecutionMode.BACKGROUND:
+        return
+    c = prepared.classification
+    runnable = row["status"] == S.APPROVED
+    await queue.enqueue(
+        connection,
+        row["id"],
+        priority=c.priority,
+        max_attempts=c.max_attempts,
+        runnable=runnable,
+        lease_ms=lease_timeout_ms(c.timeout_policy),
+        max_lease_renewals=c.max_lease_renewals,
+    )
+    if runnable:
+        await queue.release(connection, row["id"])
 
 
 async def record_foreign_probe(

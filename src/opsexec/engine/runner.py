@@ -16,6 +16,8 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -28,7 +30,14 @@ from opsexec.config import Settings
 from opsexec.engine import approvals
 from opsexec.engine.context import SecretResolver, StepContext, asset_info
 from opsexec.engine.results import execution_result, prepare_output, store_artifact
-from opsexec.errors import OpsexecError, ResourceBusyError, StepTimeoutError, TransportError
+from opsexec.errors import (
+    IndeterminateStepOutcome,
+    LeaseLostError,
+    OpsexecError,
+    ResourceBusyError,
+    StepTimeoutError,
+    TransportError,
+)
 from opsexec.fsm import ExecutionStatus
 from opsexec.plan import Plan, PlanStep, plan_from_snapshot, snapshot_hash
 from opsexec.policy import DEFAULT_MAX_CONCURRENCY
@@ -50,6 +59,17 @@ class _Cancelled(Exception):
     """A cancel request was seen at a step boundary."""
 
 
+class _HandBack(Exception):
+    """The worker is draining: stop at this boundary and give the job back unfinished."""
+
+
+Fence = Callable[[Connection], Awaitable[None]]
+"""Called inside every write transaction of a background run; raises ``LeaseLostError``
+once the worker's lease is gone, so a worker that lost its job cannot write to it."""
+
+HANDED_BACK = "handed_back"
+
+
 @dataclass
 class _RunState:
     """What one run accumulates while its steps execute."""
@@ -63,6 +83,8 @@ class _RunState:
     cancel_checks: int = 0
     answers: list[str] = field(default_factory=list)
     parked: bool = False
+    handed_back: bool = False
+    fence: Fence | None = None
 
     @property
     def id(self) -> UUID:
@@ -93,6 +115,7 @@ class ExecutionEngine:
         self.secrets = secrets
         self.retry_backoff_s = retry_backoff_s
         self._running: dict[UUID, asyncio.Task[None]] = {}
+        self._draining = False
 
     # --- entry points ------------------------------------------------------------------
 
@@ -108,43 +131,59 @@ class ExecutionEngine:
         return True
 
     async def run(
-        self, execution_id: UUID, tenant_id: UUID, *, worker_id: str | None = None
+        self,
+        execution_id: UUID,
+        tenant_id: UUID,
+        *,
+        worker_id: str | None = None,
+        queue_wait_ms: int | None = None,
+        defer_when_busy: bool = False,
+        fence: Fence | None = None,
     ) -> str:
-        """Run (or resume) an execution; returns its status afterwards."""
-        state = await self._start(execution_id, tenant_id, worker_id)
+        """Run (or resume) an execution; returns its status afterwards.
+
+        With ``defer_when_busy`` (background work) a held lock raises
+        ``ResourceBusyError`` before anything changes, so the worker can retry later;
+        otherwise (immediate) the execution fails and the error reaches the caller (409).
+        """
+        state = await self._prepare(execution_id, tenant_id, fence)
         if state is None:
-            async with self.pool.acquire() as connection:
-                status: str = await connection.fetchval(
-                    "SELECT status FROM executions WHERE id = $1", execution_id
-                )
-            return status
-        keys = self._lock_keys(state)
-        ttl_s = state.execution["timeout_ms"] / 1000 + LOCK_BUFFER_S
+            return await self._status(execution_id)
         try:
             await mutex.acquire_execution_locks(
-                self.pool, tenant_id=tenant_id, execution_id=execution_id, keys=keys, ttl_s=ttl_s
+                self.pool,
+                tenant_id=tenant_id,
+                execution_id=execution_id,
+                keys=self._lock_keys(state),
+                ttl_s=state.execution["timeout_ms"] / 1000 + LOCK_BUFFER_S,
             )
         except ResourceBusyError as busy:
-            await self._finish(state, S.FAILED, error=busy)
+            if not defer_when_busy:
+                await self._finish(state, S.FAILED, error=busy)
             raise
-        outcome: str
+        outcome: str = S.FAILED
         error: BaseException | None = None
         timed_out = False
         try:
+            await self._begin(state, worker_id, queue_wait_ms)
             steps_task = asyncio.create_task(self._run_plan(state))
             self._running[execution_id] = steps_task
             try:
                 await asyncio.wait_for(asyncio.shield(steps_task), self._remaining_s(state))
+                outcome = S.SUCCEEDED
             except TimeoutError:
                 steps_task.cancel()
                 await asyncio.gather(steps_task, return_exceptions=True)
                 timed_out = True
-            outcome = S.FAILED if timed_out else S.SUCCEEDED
         except (_Cancelled, asyncio.CancelledError):
             outcome = S.CANCELLED
+        except _HandBack:
+            state.handed_back = True
+        except LeaseLostError:
+            raise
         except Exception as exc:  # an infrastructure failure inside the run: record it
             logger.exception("execution run failed", extra={"exec_id": str(execution_id)})
-            outcome, error = S.FAILED, exc
+            error = exc
         finally:
             self._running.pop(execution_id, None)
             await mutex.release_execution_locks(
@@ -152,14 +191,41 @@ class ExecutionEngine:
             )
         if state.parked:
             return S.AWAITING_APPROVAL
+        if state.handed_back:
+            return HANDED_BACK
         return await self._finish(state, outcome, error=error, timed_out=timed_out)
+
+    @asynccontextmanager
+    async def _tx(self, state: _RunState) -> AsyncIterator[Connection]:
+        """A write transaction of this run, fenced by the worker's lease when there is one."""
+        async with transaction(self.pool) as connection:
+            if state.fence is not None:
+                await state.fence(connection)
+            yield connection
+
+    def drain(self) -> None:
+        """Graceful shutdown: runs stop at their next step boundary and are handed back."""
+        self._draining = True
+
+    async def fail_busy(self, execution_id: UUID, tenant_id: UUID, busy: ResourceBusyError) -> None:
+        """A background job waited out its lock budget: end it with ``ResourceBusyError``."""
+        state = await self._prepare(execution_id, tenant_id)
+        if state is not None:
+            await self._finish(state, S.FAILED, error=busy)
+
+    async def _status(self, execution_id: UUID) -> str:
+        async with self.pool.acquire() as connection:
+            status: str = await connection.fetchval(
+                "SELECT status FROM executions WHERE id = $1", execution_id
+            )
+        return status
 
     # --- start ---------------------------------------------------------------------------
 
-    async def _start(
-        self, execution_id: UUID, tenant_id: UUID, worker_id: str | None
+    async def _prepare(
+        self, execution_id: UUID, tenant_id: UUID, fence: Fence | None = None
     ) -> _RunState | None:
-        """Checks before anything runs, then ``approved → running``; None if not runnable."""
+        """The checks before anything runs; None when there is nothing to run now."""
         async with transaction(self.pool) as connection:
             execution = await executions.get_execution(
                 connection, tenant_id, execution_id, for_update=True
@@ -170,19 +236,6 @@ class ExecutionEngine:
             if snapshot_hash(execution["plan_snapshot"]) != execution["plan_hash"]:
                 await self._park_for_reapproval(connection, execution, settings)
                 return None
-            if execution["status"] == S.APPROVED:
-                execution = await executions.transition(
-                    connection,
-                    execution_id,
-                    tenant_id,
-                    expected=S.APPROVED,
-                    to=S.RUNNING,
-                    actor_id=execution["actor_id"],
-                    fields={"worker_id": worker_id} if worker_id else None,
-                )
-                await events.append_event(
-                    connection, execution_id, "execution_running", {"worker_id": worker_id}
-                )
             plan = plan_from_snapshot(execution["plan_snapshot"])
             names = {t for step in plan.steps for t in step.targets}
             assets = {
@@ -195,12 +248,38 @@ class ExecutionEngine:
             assets=assets,
             settings=settings,
             record_only=self.settings.record_only or settings.record_only,
+            fence=fence,
         )
         denied = await self._permission_denied(state)
         if denied:
             await self._finish(state, S.FAILED, error=denied)
             return None
         return state
+
+    async def _begin(
+        self, state: _RunState, worker_id: str | None, queue_wait_ms: int | None
+    ) -> None:
+        """``approved → running`` (a resumed execution is running already)."""
+        if state.execution["status"] != S.APPROVED:
+            return
+        fields: dict[str, Any] = {}
+        if worker_id:
+            fields["worker_id"] = worker_id
+        if queue_wait_ms is not None:
+            fields["queue_wait_ms"] = queue_wait_ms
+        async with self._tx(state) as connection:
+            state.execution = await executions.transition(
+                connection,
+                state.id,
+                state.tenant_id,
+                expected=S.APPROVED,
+                to=S.RUNNING,
+                actor_id=state.execution["actor_id"],
+                fields=fields or None,
+            )
+            await events.append_event(
+                connection, state.id, "execution_running", {"worker_id": worker_id}
+            )
 
     async def _tenant_settings(self, connection: Connection, tenant_id: UUID) -> TenantSettings:
         stored = await connection.fetchval("SELECT settings FROM tenants WHERE id = $1", tenant_id)
@@ -239,7 +318,7 @@ class ExecutionEngine:
         if not missing:
             return None
         why = "the requester is disabled" if roles is None else f"missing {', '.join(missing)}"
-        async with transaction(self.pool) as connection:
+        async with self._tx(state) as connection:
             await events.append_event(
                 connection,
                 state.id,
@@ -289,6 +368,8 @@ class ExecutionEngine:
             return await step_store.steps_of(connection, execution_id)
 
     async def _check_cancel(self, state: _RunState) -> None:
+        if self._draining:
+            raise _HandBack
         state.cancel_checks += 1
         async with self.pool.acquire() as connection:
             if await step_store.cancellation_requested(connection, state.id):
@@ -307,7 +388,7 @@ class ExecutionEngine:
 
     async def _park_at_gate(self, state: _RunState, step_number: int) -> None:
         """Level-3 gate: hand the worker back until a senior approver releases the step."""
-        async with transaction(self.pool) as connection:
+        async with self._tx(state) as connection:
             execution = await executions.get_execution(
                 connection, state.tenant_id, state.id, for_update=True
             )
@@ -351,8 +432,22 @@ class ExecutionEngine:
         asset = state.assets.get(row["target_ref"]) if row["target_ref"] else None
         idempotent = spec.is_idempotent(step.inputs)
         attempt = row["attempt"] if row["status"] == S.RUNNING else 1
+        if row["status"] == S.RUNNING and not idempotent:
+            # It was mid-flight when its worker died: it may or may not have acted.
+            return await self._record_step(
+                state,
+                row,
+                ActionResult.failure(
+                    error_class=IndeterminateStepOutcome.__name__,
+                    error_message=(
+                        f"step {row['step_number']} was interrupted mid-flight and "
+                        f"{step.action} is not idempotent; a person must decide"
+                    ),
+                ),
+                False,
+            )
         while True:
-            async with transaction(self.pool) as connection:
+            async with self._tx(state) as connection:
                 started = await step_store.start_step(connection, row["id"], attempt)
                 await events.append_event(
                     connection,
@@ -391,7 +486,7 @@ class ExecutionEngine:
             finally:
                 await context.close()
             state.retries += 1
-            async with transaction(self.pool) as connection:
+            async with self._tx(state) as connection:
                 await events.append_event(
                     connection,
                     state.id,
@@ -465,7 +560,7 @@ class ExecutionEngine:
     ) -> bool:
         output = prepare_output(result)
         status = S.SUCCEEDED if result.ok else S.FAILED
-        async with transaction(self.pool) as connection:
+        async with self._tx(state) as connection:
             output_ref = await store_artifact(
                 connection,
                 tenant_id=state.tenant_id,
@@ -512,7 +607,7 @@ class ExecutionEngine:
         error: BaseException | None = None,
         timed_out: bool = False,
     ) -> str:
-        async with transaction(self.pool) as connection:
+        async with self._tx(state) as connection:
             rows = await step_store.steps_of(connection, state.id)
             failed = [r for r in rows if r["status"] == S.FAILED]
             if outcome == S.SUCCEEDED and (failed or any(r["status"] != S.SUCCEEDED for r in rows)):

@@ -114,7 +114,6 @@ async def transition(
 FIND_ACTIVE_BY_KEY = """
 SELECT * FROM executions
 WHERE tenant_id = $1 AND idempotency_key = $2 AND idempotency_active
-FOR UPDATE
 """
 
 INSERT_EXECUTION = """
@@ -141,13 +140,19 @@ FROM unnest($2::int[], $3::varchar[], $4::varchar[], $5::varchar[], $6::varchar[
 async def find_active_by_key(
     connection: Connection, tenant_id: UUID, idempotency_key: str
 ) -> asyncpg.Record | None:
-    """The execution currently holding an idempotency key, locked against a racing retire."""
+    """The execution currently holding an idempotency key.
+
+    Not locked: duplicates of one plan arrive in bursts (refreshes, client retries) and
+    must not queue behind each other. Retiring a key is idempotent and the insert that
+    follows is arbitrated by the unique index, so no lock is needed for correctness.
+    """
     return await connection.fetchrow(FIND_ACTIVE_BY_KEY, tenant_id, idempotency_key)
 
 
 async def retire_idempotency_key(connection: Connection, execution_id: UUID) -> None:
     await connection.execute(
-        "UPDATE executions SET idempotency_active = false WHERE id = $1", execution_id
+        "UPDATE executions SET idempotency_active = false WHERE id = $1 AND idempotency_active",
+        execution_id,
     )
 
 

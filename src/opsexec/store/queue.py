@@ -1,16 +1,106 @@
-"""SQL for the durable execution queue (R-QUEUE)."""
+"""SQL for the durable execution queue (R-QUEUE): enqueue, lease, heartbeat, retire.
+
+Every write a worker makes to a leased job carries the job's ``lease_token``: once a
+lease expires and the job is leased again, the old token matches nothing, so a worker
+that was frozen or partitioned can no longer touch the job (fencing).
+"""
 
 from __future__ import annotations
 
+from typing import Any
 from uuid import UUID
+
+import asyncpg
 
 from opsexec.store import Connection
 
 # A job that waits for an approval exists from the start (so nothing is lost between
 # submit and approval) but is invisible to workers until the approval releases it.
 ENQUEUE = """
-INSERT INTO execution_queue (execution_id, priority, max_attempts, available_at)
-VALUES ($1, $2, $3, CASE WHEN $4 THEN now() ELSE 'infinity'::timestamptz END)
+INSERT INTO execution_queue (execution_id, priority, max_attempts, available_at, metadata)
+VALUES ($1, $2, $3, CASE WHEN $4 THEN now() ELSE 'infinity'::timestamptz END, $5)
+RETURNING id
+"""
+
+# One round trip: pick by priority then age, skip rows other workers hold, lease them.
+DEQUEUE = """
+WITH next AS (
+    SELECT id FROM execution_queue
+    WHERE status = 'queued' AND available_at <= now()
+    ORDER BY priority, queued_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE execution_queue q
+SET status = 'leased',
+    leased_by = $1,
+    leased_at = now(),
+    lease_expires_at = now() + make_interval(secs => (q.metadata->>'lease_ms')::float / 1000),
+    lease_token = gen_random_uuid(),
+    lease_count = q.lease_count + 1,
+    started_at = coalesce(q.started_at, now())
+FROM next
+WHERE q.id = next.id
+RETURNING q.*, (SELECT tenant_id FROM executions e WHERE e.id = q.execution_id) AS tenant_id
+"""
+
+HEARTBEAT = """
+UPDATE execution_queue
+SET lease_expires_at = now() + make_interval(secs => (metadata->>'lease_ms')::float / 1000)
+WHERE id = $1 AND lease_token = $2 AND status = 'leased'
+RETURNING lease_expires_at
+"""
+
+COMPLETE = """
+UPDATE execution_queue
+SET status = 'completed', completed_at = now(), leased_by = NULL, leased_at = NULL,
+    lease_token = NULL, lease_expires_at = NULL
+WHERE id = $1 AND lease_token = $2 AND status = 'leased'
+RETURNING id
+"""
+
+# Handing a job back without charging an attempt: graceful shutdown, a busy lock, a
+# level-3 gate (available again only when its approval releases it: 'infinity').
+HAND_BACK = """
+UPDATE execution_queue
+SET status = 'queued', leased_by = NULL, leased_at = NULL, lease_token = NULL,
+    lease_expires_at = NULL, available_at = $3, last_error = coalesce($4, last_error),
+    metadata = metadata || $5
+WHERE id = $1 AND lease_token = $2 AND status = 'leased'
+RETURNING id
+"""
+
+# A failed attempt: back off 2^attempt seconds, or give up when attempts are spent.
+FAIL_ATTEMPT = """
+UPDATE execution_queue
+SET attempt = attempt + 1,
+    status = CASE WHEN attempt + 1 >= max_attempts THEN 'failed' ELSE 'queued' END,
+    available_at = now() + make_interval(secs => power(2, attempt + 1) * $3),
+    completed_at = CASE WHEN attempt + 1 >= max_attempts THEN now() END,
+    leased_by = NULL, leased_at = NULL, lease_token = NULL, lease_expires_at = NULL,
+    last_error = $2
+WHERE id = $1 AND status = 'leased'
+RETURNING *
+"""
+
+EXPIRED_LEASES = """
+SELECT q.*, e.tenant_id FROM execution_queue q JOIN executions e ON e.id = q.execution_id
+WHERE q.status = 'leased' AND q.lease_expires_at < now()
+ORDER BY q.lease_expires_at
+LIMIT $1
+FOR UPDATE OF q SKIP LOCKED
+"""
+
+DEAD_LETTER = """
+INSERT INTO execution_dlq (execution_id, original_queue_id, attempt_count, last_error,
+                           plan_snapshot, execution_context)
+SELECT e.id, $1, $2, $3, e.plan_snapshot,
+       jsonb_build_object(
+           'tenant_id', e.tenant_id, 'actor_id', e.actor_id, 'status', e.status,
+           'plan_hash', e.plan_hash, 'execution_mode', e.execution_mode,
+           'approval_level', e.approval_level, 'sla_class', e.sla_class,
+           'timeout_policy_id', e.timeout_policy_id, 'priority', $4::int)
+FROM executions e WHERE e.id = $5
 RETURNING id
 """
 
@@ -22,9 +112,16 @@ async def enqueue(
     priority: int,
     max_attempts: int,
     runnable: bool,
+    lease_ms: int = 60_000,
+    max_lease_renewals: int = 3,
 ) -> UUID:
     queue_id: UUID = await connection.fetchval(
-        ENQUEUE, execution_id, priority, max_attempts, runnable
+        ENQUEUE,
+        execution_id,
+        priority,
+        max_attempts,
+        runnable,
+        {"lease_ms": lease_ms, "max_lease_renewals": max_lease_renewals},
     )
     return queue_id
 
@@ -48,3 +145,112 @@ async def close_unrun(connection: Connection, execution_id: UUID, reason: str) -
         execution_id,
         reason,
     )
+
+
+async def dequeue(connection: Connection, worker_id: str, limit: int) -> list[asyncpg.Record]:
+    return await connection.fetch(DEQUEUE, worker_id, limit)
+
+
+async def heartbeat(connection: Connection, queue_id: UUID, token: UUID) -> bool:
+    """Extend the lease; False means it is gone and the worker must stop touching the job."""
+    return await connection.fetchval(HEARTBEAT, queue_id, token) is not None
+
+
+async def complete(connection: Connection, queue_id: UUID, token: UUID) -> bool:
+    return await connection.fetchval(COMPLETE, queue_id, token) is not None
+
+
+async def hand_back(
+    connection: Connection,
+    queue_id: UUID,
+    token: UUID,
+    *,
+    available_in_s: float | None,
+    reason: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> bool:
+    """Return a leased job to the queue uncharged; ``None`` delay parks it until released."""
+    available_at = await connection.fetchval(
+        "SELECT CASE WHEN $1::float IS NULL THEN 'infinity'::timestamptz"
+        " ELSE now() + make_interval(secs => $1::float) END",
+        available_in_s,
+    )
+    returned = await connection.fetchval(
+        HAND_BACK, queue_id, token, available_at, reason, metadata or {}
+    )
+    return returned is not None
+
+
+async def fail_attempt(
+    connection: Connection, queue_id: UUID, error: str, backoff_unit_s: float = 1.0
+) -> asyncpg.Record | None:
+    """Charge an attempt; the row says whether the job is queued again or failed for good."""
+    return await connection.fetchrow(FAIL_ATTEMPT, queue_id, error, backoff_unit_s)
+
+
+async def expired_leases(connection: Connection, limit: int) -> list[asyncpg.Record]:
+    return await connection.fetch(EXPIRED_LEASES, limit)
+
+
+async def dead_letter(connection: Connection, job: asyncpg.Record, error: str) -> UUID:
+    dlq_id: UUID = await connection.fetchval(
+        DEAD_LETTER,
+        job["id"],
+        job["attempt"],
+        error,
+        job["priority"],
+        job["execution_id"],
+    )
+    return dlq_id
+
+
+async def lease_is_held(connection: Connection, execution_id: UUID, token: UUID) -> bool:
+    """The fence: True while this token still holds the execution's job (row locked)."""
+    held = await connection.fetchval(
+        """SELECT 1 FROM execution_queue
+           WHERE execution_id = $1 AND lease_token = $2 AND status = 'leased'
+           FOR SHARE""",
+        execution_id,
+        token,
+    )
+    return held is not None
+
+
+async def list_dlq(connection: Connection, tenant_id: UUID, limit: int = 100) -> list[Any]:
+    return await connection.fetch(
+        """SELECT d.id, d.execution_id, d.original_queue_id, d.failed_at, d.attempt_count,
+                  d.last_error, d.requeued_at, d.execution_context
+           FROM execution_dlq d JOIN executions e ON e.id = d.execution_id
+           WHERE e.tenant_id = $1
+           ORDER BY d.failed_at DESC
+           LIMIT $2""",
+        tenant_id,
+        limit,
+    )
+
+
+async def requeue_dead_letter(
+    connection: Connection, tenant_id: UUID, dlq_id: UUID
+) -> asyncpg.Record | None:
+    """Put a dead-lettered job back in the queue with fresh attempts; None if unknown."""
+    entry = await connection.fetchrow(
+        """SELECT d.* FROM execution_dlq d JOIN executions e ON e.id = d.execution_id
+           WHERE d.id = $1 AND e.tenant_id = $2 AND d.requeued_at IS NULL
+           FOR UPDATE OF d""",
+        dlq_id,
+        tenant_id,
+    )
+    if entry is None:
+        return None
+    await connection.execute(
+        """UPDATE execution_queue
+           SET status = 'queued', attempt = 0, available_at = now(), completed_at = NULL,
+               last_error = NULL
+           WHERE id = $1""",
+        entry["original_queue_id"],
+    )
+    await connection.execute("UPDATE execution_dlq SET requeued_at = now() WHERE id = $1", dlq_id)
+    await connection.execute(
+        "SELECT pg_notify('opsexec_queue', $1::text)", str(entry["execution_id"])
+    )
+    return entry

@@ -1,0 +1,283 @@
+"""Background workers (R-QUEUE): lease jobs, run them, heartbeat, hand back, give up.
+
+A worker holds ``concurrency`` jobs at most. It wakes on ``NOTIFY opsexec_queue`` (a new
+or released job) and polls as a safety net, leases with ``FOR UPDATE SKIP LOCKED``, and
+runs each job through the same ``ExecutionEngine`` the API uses, with every write fenced
+by the job's lease token. On SIGTERM it takes nothing new, lets running steps finish
+within the grace period, and hands unfinished jobs straight back (no attempt charged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from opsexec.engine.runner import HANDED_BACK, ExecutionEngine, Fence
+from opsexec.errors import LeaseLostError, ResourceBusyError
+from opsexec.fsm import ExecutionStatus
+from opsexec.queue.reaper import Reaper, dead_letter_job
+from opsexec.store import Connection, connect, transaction
+from opsexec.store import queue as store
+
+logger = logging.getLogger("opsexec.worker")
+S = ExecutionStatus
+
+QUEUE_CHANNEL = "opsexec_queue"
+CANCEL_CHANNEL = "opsexec_cancel"
+BUSY_BACKOFF_CAP_S = 30.0
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class WorkerOptions:
+    concurrency: int = 4
+    poll_interval_s: float = 1.0
+    shutdown_grace_s: float = 30.0
+    backoff_unit_s: float = 1.0
+    """Seconds per 2^attempt of queue-level backoff; tests shrink it."""
+    reaper_interval_s: float = 60.0
+    worker_id: str = field(default_factory=default_worker_id)
+
+
+class Worker:
+    def __init__(
+        self, pool: asyncpg.Pool, dsn: str, engine: ExecutionEngine, options: WorkerOptions
+    ) -> None:
+        self.pool = pool
+        self.dsn = dsn
+        self.engine = engine
+        self.options = options
+        self.id = options.worker_id
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._listener: asyncpg.Connection | None = None
+        self.reaper = Reaper(pool, backoff_unit_s=options.backoff_unit_s)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Take no new jobs; running ones stop at their next step boundary."""
+        if not self._stopping.is_set():
+            logger.info("worker draining", extra={"worker_id": self.id})
+            self._stopping.set()
+            self.engine.drain()
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Work until ``stop()``; then wait for (or hand back) the jobs in flight."""
+        await self._listen()
+        reaper = asyncio.create_task(self._reap_periodically())
+        try:
+            while not self._stopping.is_set():
+                free = self.options.concurrency - len(self._jobs)
+                if free > 0:
+                    for job in await self._lease(free):
+                        task = asyncio.create_task(self._process(job))
+                        self._jobs.add(task)
+                        task.add_done_callback(self._finished)
+                    if len(self._jobs) < self.options.concurrency and not self._wake.is_set():
+                        await self._sleep()
+                else:
+                    await self._sleep()
+            await self._drain()
+        finally:
+            reaper.cancel()
+            await asyncio.gather(reaper, return_exceptions=True)
+            await self._unlisten()
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._jobs.discard(task)
+        self._wake.set()
+
+    async def _sleep(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self.options.poll_interval_s)
+        self._wake.clear()
+
+    async def _drain(self) -> None:
+        if not self._jobs:
+            return
+        _, pending = await asyncio.wait(set(self._jobs), timeout=self.options.shutdown_grace_s)
+        for task in pending:  # past the grace period: interrupt the steps themselves
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _listen(self) -> None:
+        self._listener = await connect(self.dsn)
+        await self._listener.add_listener(QUEUE_CHANNEL, self._on_queue)
+        await self._listener.add_listener(CANCEL_CHANNEL, self._on_cancel)
+
+    async def _unlisten(self) -> None:
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
+
+    def _on_queue(self, *_: Any) -> None:
+        self._wake.set()
+
+    def _on_cancel(self, _connection: Any, _pid: int, _channel: str, payload: object) -> None:
+        try:
+            self.engine.interrupt(UUID(str(payload)))
+        except ValueError:
+            logger.warning("ignored a malformed cancel signal")
+
+    async def _reap_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.reaper_interval_s)
+            try:
+                await self.reaper.reap_once()
+            except Exception:  # the reaper must never take the worker down
+                logger.exception("reaper pass failed", extra={"worker_id": self.id})
+
+    async def _lease(self, limit: int) -> list[asyncpg.Record]:
+        try:
+            async with transaction(self.pool) as connection:
+                return await store.dequeue(connection, self.id, limit)
+        except (OSError, asyncpg.PostgresError):
+            logger.exception("could not lease jobs", extra={"worker_id": self.id})
+            return []
+
+    # --- one job -------------------------------------------------------------------------
+
+    async def _process(self, job: asyncpg.Record) -> None:
+        token: UUID = job["lease_token"]
+        execution_id: UUID = job["execution_id"]
+        log = {"exec_id": str(execution_id), "worker_id": self.id, "queue_id": str(job["id"])}
+        fence = _fence(execution_id, token)
+        lost = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(job, lost))
+        try:
+            status = await self.engine.run(
+                execution_id,
+                job["tenant_id"],
+                worker_id=self.id,
+                queue_wait_ms=_queue_wait_ms(job),
+                defer_when_busy=True,
+                fence=fence,
+            )
+            await self._settle(job, status)
+        except LeaseLostError:
+            logger.warning("lease lost; leaving the job to its new owner", extra=log)
+        except ResourceBusyError as busy:
+            await self._defer_busy(job, busy)
+        except asyncio.CancelledError:
+            # Shutdown past the grace period: give the job back for another worker.
+            await asyncio.shield(self._hand_back(job, available_in_s=0.0, reason="shutdown"))
+            raise
+        except Exception as exc:  # an infrastructure failure: charge an attempt
+            logger.exception("job failed at the queue level", extra=log)
+            await self._fail_attempt(job, f"{type(exc).__name__}: {exc}")
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+
+    async def _settle(self, job: asyncpg.Record, status: str) -> None:
+        if status == HANDED_BACK:
+            await self._hand_back(job, available_in_s=0.0, reason="worker shutting down")
+        elif status == S.AWAITING_APPROVAL:
+            # Parked at a level-3 gate: the approval releases the job again.
+            await self._hand_back(job, available_in_s=None, reason="awaiting step approval")
+        else:
+            async with transaction(self.pool) as connection:
+                await store.complete(connection, job["id"], job["lease_token"])
+
+    async def _hand_back(
+        self,
+        job: asyncpg.Record,
+        *,
+        available_in_s: float | None,
+        reason: str,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        async with transaction(self.pool) as connection:
+            await store.hand_back(
+                connection,
+                job["id"],
+                job["lease_token"],
+                available_in_s=available_in_s,
+                reason=reason,
+                metadata=metadata,
+            )
+            if available_in_s == 0.0:
+                await connection.execute(
+                    "SELECT pg_notify($1, $2::text)", QUEUE_CHANNEL, str(job["execution_id"])
+                )
+
+    async def _defer_busy(self, job: asyncpg.Record, busy: ResourceBusyError) -> None:
+        """A target is locked: wait with backoff, uncharged, within the lock-wait budget."""
+        metadata = job["metadata"]
+        started = metadata.get("lock_wait_started") or time.time()
+        deferrals = int(metadata.get("lock_deferrals", 0)) + 1
+        async with self.pool.acquire() as connection:
+            budget_ms = await connection.fetchval(
+                "SELECT timeout_ms FROM executions WHERE id = $1", job["execution_id"]
+            )
+        if (time.time() - started) * 1000 >= budget_ms:
+            await self.engine.fail_busy(job["execution_id"], job["tenant_id"], busy)
+            async with transaction(self.pool) as connection:
+                await store.complete(connection, job["id"], job["lease_token"])
+            return
+        delay = min(BUSY_BACKOFF_CAP_S, self.options.backoff_unit_s * 2 ** (deferrals - 1))
+        await self._hand_back(
+            job,
+            available_in_s=delay,
+            reason=f"waiting for lock {busy.extra.get('lock_key', '')}",
+            metadata={"lock_wait_started": started, "lock_deferrals": deferrals},
+        )
+
+    async def _fail_attempt(self, job: asyncpg.Record, error: str) -> None:
+        async with transaction(self.pool) as connection:
+            row = await store.fail_attempt(
+                connection, job["id"], error, self.options.backoff_unit_s
+            )
+            if row is not None and row["status"] == "failed":
+                await dead_letter_job(connection, row, error)
+
+    async def _heartbeat(self, job: asyncpg.Record, lost: asyncio.Event) -> None:
+        """Renew the lease at a third of its length, up to the SLA's renewal cap."""
+        lease_s = float(job["metadata"].get("lease_ms", 60_000)) / 1000
+        cap = int(job["metadata"].get("max_lease_renewals", 3))
+        renewals = 0
+        while renewals < cap:
+            await asyncio.sleep(lease_s / 3)
+            async with transaction(self.pool) as connection:
+                held = await store.heartbeat(connection, job["id"], job["lease_token"])
+                if held:
+                    await connection.execute(
+                        "UPDATE executions SET lease_renewals = lease_renewals + 1 WHERE id = $1",
+                        job["execution_id"],
+                    )
+            if not held:
+                lost.set()
+                self.engine.interrupt(job["execution_id"])
+                return
+            renewals += 1
+
+
+def _fence(execution_id: UUID, token: UUID) -> Fence:
+    async def check(connection: Connection) -> None:
+        if not await store.lease_is_held(connection, execution_id, token):
+            raise LeaseLostError(f"the lease on execution {execution_id} is no longer ours")
+
+    return check
+
+
+def _queue_wait_ms(job: asyncpg.Record) -> int | None:
+    """Time from enqueue (or release after approval) to the first lease."""
+    if job["lease_count"] != 1:
+        return None
+    waited = job["leased_at"] - max(job["queued_at"], job["available_at"])
+    return max(0, int(waited.total_seconds() * 1000))
