@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -131,6 +132,7 @@ def clean_settings_cache() -> Iterator[None]:
 class ApiServer:
     url: str
     settings: Settings
+    app: Any
 
 
 def free_port() -> int:
@@ -150,8 +152,14 @@ async def api_server(
 
     settings = Settings(database_url=database_dsn, data_dir=tmp_path_factory.mktemp("data"))
     port = free_port()
+    # Retries back off in tens of milliseconds here so retry tests stay quick.
+    app = create_app(settings, retry_backoff_s=0.02)
     config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_config=None, lifespan="on"
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        lifespan="on",
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -160,7 +168,7 @@ async def api_server(
             task.result()
         await asyncio.sleep(0.05)
     try:
-        yield ApiServer(url=f"http://127.0.0.1:{port}", settings=settings)
+        yield ApiServer(url=f"http://127.0.0.1:{port}", settings=settings, app=app)
     finally:
         server.should_exit = True
         await task

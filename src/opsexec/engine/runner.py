@@ -612,9 +612,8 @@ class ExecutionEngine:
             failed = [r for r in rows if r["status"] == S.FAILED]
             if outcome == S.SUCCEEDED and (failed or any(r["status"] != S.SUCCEEDED for r in rows)):
                 outcome = S.FAILED
-            await step_store.skip_unstarted(
-                connection, state.id, S.CANCELLED if outcome == S.CANCELLED else S.FAILED
-            )
+            # Steps that never started did not fail: they were not run.
+            await step_store.skip_unstarted(connection, state.id, S.CANCELLED)
             await step_store.add_execution_counters(
                 connection, state.id, retries=state.retries, cancel_checks=state.cancel_checks
             )
