@@ -40,12 +40,22 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def report(title: str, rows: list[tuple[str, float, float]]) -> None:
-    """Print ``(label, measured, target)`` rows with their ratio (measured / target)."""
+def report(
+    title: str,
+    rows: list[tuple[str, float, float]],
+    *,
+    lower_is_better: frozenset[str] = frozenset(),
+) -> None:
+    """Print ``(label, measured, target)`` rows with their ratio to the target.
+
+    The ratio reads the same way for every row: above 1.0 beats the target. For rows
+    named in ``lower_is_better`` (latencies) it is target / measured.
+    """
     print(f"\n{title}")
-    print(f"{'figure':<44}{'measured':>12}{'target':>12}{'ratio':>8}")
+    print(f"{'figure':<48}{'measured':>12}{'target':>12}{'ratio':>8}")
     for label, measured, target in rows:
-        print(f"{label:<44}{measured:>12.1f}{target:>12.1f}{measured / target:>8.2f}")
+        ratio = target / measured if label in lower_is_better else measured / target
+        print(f"{label:<48}{measured:>12.1f}{target:>12.1f}{ratio:>8.2f}")
 
 
 @asynccontextmanager

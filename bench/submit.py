@@ -32,7 +32,7 @@ ASSET = {"name": "local-01", "address": "127.0.0.1", "transport": "local"}
 
 async def main(seconds: float, clients: int) -> None:
     async with scratch_database() as dsn:
-        with running_service(dsn) as service:
+        with running_service(dsn, "--worker-concurrency", "0") as service:
             headers = {"Authorization": f"Bearer {service.api_key}"}
             async with httpx.AsyncClient(base_url=service.url, headers=headers) as http:
                 (await http.post("/v1/assets", json=ASSET)).raise_for_status()
