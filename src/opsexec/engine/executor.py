@@ -168,22 +168,28 @@ class Executor:
 
     # --- preparation (no writes) -------------------------------------------------------
 
-    async def prepare(
-        self,
-        connection: Connection,
-        actor: Actor,
-        document: Any,
-        *,
-        mode: str | None,
-        priority: int | str | None,
-        runbook_url: str | None,
-    ) -> Prepared:
+    def load(self, actor: Actor, document: Any) -> tuple[Plan, int]:
+        """Parse, validate and permission-check a plan document; no I/O."""
         size = document_size_bytes(document)
         try:
             plan = load_plan(document, self.registry, document_size_bytes=size)
         except PlanValidationError as error:
             raise _in_body(error) from None
         self._check_permissions(actor, plan)
+        return plan, size
+
+    async def prepare(
+        self,
+        connection: Connection,
+        actor: Actor,
+        plan: Plan,
+        size: int,
+        *,
+        mode: str | None,
+        priority: int | str | None,
+        runbook_url: str | None,
+    ) -> Prepared:
+        """Resolve targets in the tenant's inventory and classify (R-CLASS)."""
         names = {target for step in plan.steps for target in step.targets}
         assets = await assets_by_name(connection, actor.tenant_id, names)
         try:
@@ -253,21 +259,28 @@ class Executor:
     async def submit(self, actor: Actor, submission: Submission) -> Submitted:
         """Create an execution, or return the live one this submission duplicates."""
         self._check_enabled(actor)
+        plan, size = self.load(actor, submission.plan)
+        key = submission.idempotency_key or derive_idempotency_key(
+            canonical_json(plan), actor.tenant_id, actor.user_id
+        )
+        # Duplicates (refreshes, client retries) are answered before any classification
+        # or transaction: one indexed lookup.
+        async with self.pool.acquire() as connection:
+            existing = await self._live_duplicate(
+                connection, actor, key, plan_hash(plan), submission
+            )
+        if existing is not None:
+            return Submitted(existing, created=False)
         async with transaction(self.pool) as connection:
             prepared = await self.prepare(
                 connection,
                 actor,
-                submission.plan,
+                plan,
+                size,
                 mode=submission.mode,
                 priority=submission.priority,
                 runbook_url=submission.runbook_url,
             )
-            key = submission.idempotency_key or derive_idempotency_key(
-                prepared.canonical, actor.tenant_id, actor.user_id
-            )
-            existing = await self._live_duplicate(connection, actor, key, prepared, submission)
-            if existing is not None:
-                return Submitted(existing, created=False)
             row = await executions.insert_execution(
                 connection,
                 prepared.execution_columns()
@@ -308,14 +321,14 @@ class Executor:
         connection: Connection,
         actor: Actor,
         key: str,
-        prepared: Prepared,
+        new_plan_hash: str,
         submission: Submission,
     ) -> asyncpg.Record | None:
         """The execution this submission repeats (R-IDEM-2), retiring one past its window."""
         existing = await executions.find_active_by_key(connection, actor.tenant_id, key)
         if existing is None:
             return None
-        if submission.idempotency_key and existing["plan_hash"] != prepared.hash:
+        if submission.idempotency_key and existing["plan_hash"] != new_plan_hash:
             raise IdempotencyKeyReusedError(
                 "this Idempotency-Key was already used for a different plan",
                 extra={"execution_id": str(existing["id"])},
@@ -441,10 +454,12 @@ class Executor:
             if current["actor_id"] != actor.user_id and not actor.can("admin"):
                 raise PermissionDeniedError("only the requester or an admin can amend a plan")
             metadata = current["metadata"]
+            plan, size = self.load(actor, document)
             prepared = await self.prepare(
                 connection,
                 actor,
-                document,
+                plan,
+                size,
                 mode=None,
                 priority=metadata.get("priority"),
                 runbook_url=runbook_url,
