@@ -19,6 +19,8 @@ class OpsexecError(Exception):
     code: str = "opsexec_error"
     status: int = 500
     title: str = "Internal error"
+    error_class: str | None = None
+    """The ``error_class`` an execution records for this error; the class name if None."""
 
     def __init__(
         self,
@@ -31,6 +33,10 @@ class OpsexecError(Exception):
         self.detail = detail
         self.pointer = pointer
         self.extra: dict[str, Any] = extra or {}
+
+    @classmethod
+    def recorded_as(cls) -> str:
+        return cls.error_class or cls.__name__
 
 
 # --- 4xx: the caller can fix these -------------------------------------------------
@@ -78,6 +84,13 @@ class PermissionDeniedError(OpsexecError):
     code = "permission_denied"
     status = 403
     title = "Permission denied"
+
+
+class PermissionRevokedError(PermissionDeniedError):
+    """At run time the requester no longer holds a permission the plan needs (R-RBAC)."""
+
+    code = "permission_revoked"
+    error_class = "PermissionError"
 
 
 class NotFoundError(OpsexecError):
@@ -149,6 +162,7 @@ class StepTimeoutError(OpsexecError):
     code = "timeout"
     status = 504
     title = "Timed out"
+    error_class = "TimeoutError"
 
 
 class IndeterminateStepOutcome(OpsexecError):

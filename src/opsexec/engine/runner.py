@@ -34,6 +34,7 @@ from opsexec.errors import (
     IndeterminateStepOutcome,
     LeaseLostError,
     OpsexecError,
+    PermissionRevokedError,
     ResourceBusyError,
     StepTimeoutError,
     TransportError,
@@ -326,9 +327,7 @@ class ExecutionEngine:
                 {"severity": "critical", "reason": why, "at": "engine"},
             )
         logger.warning("permission revoked before run", extra={"exec_id": str(state.id)})
-        error = OpsexecError(f"permission re-check failed: {why}")
-        error.code = "PermissionError"
-        return error
+        return PermissionRevokedError(f"permission re-check failed: {why}")
 
     def _lock_keys(self, state: _RunState) -> list[str]:
         wanted: list[tuple[str, str]] = []
@@ -690,8 +689,7 @@ class ExecutionEngine:
                 ),
             }
         if isinstance(error, OpsexecError):
-            name = error.code if error.code == "PermissionError" else type(error).__name__
-            return {"error_class": name, "error_message": error.detail}
+            return {"error_class": error.recorded_as(), "error_message": error.detail}
         if error is not None:
             return {"error_class": type(error).__name__, "error_message": str(error)}
         if failed:
