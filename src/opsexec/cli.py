@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from opsexec.cli_client import register as register_client_commands
 from opsexec.cli_secrets import register as register_secret_commands
 from opsexec.client import ApiError, Client, resolve_api_key
 from opsexec.config import get_settings
@@ -293,6 +294,9 @@ def assets_import(
     except ApiError as error:
         _fail(error)
     typer.echo(f"{result['created']} created, {result['updated']} updated")
+
+
+register_client_commands(app)
 
 
 def main() -> None:

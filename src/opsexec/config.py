@@ -53,6 +53,17 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         default=30.0, ge=0, description="How long running steps may finish on SIGTERM."
     )
+    event_poll_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Live streams re-check watched executions this often: a lost "
+        "announcement delays an event by at most this long.",
+    )
+    stream_heartbeat_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="Idle SSE and WebSocket streams send a heartbeat this often.",
+    )
 
     @property
     def uses_embedded_database(self) -> bool:

@@ -10,11 +10,13 @@ from fastapi import FastAPI
 
 from opsexec import __version__
 from opsexec.api.problems import install_problem_handlers
-from opsexec.api.routes import admin, assets, credentials, executions, health
+from opsexec.api.routes import admin, assets, console, credentials, executions, health, progress
 from opsexec.config import Settings
 from opsexec.engine.bootstrap import Bootstrapped, bootstrap_first_admin, write_admin_key
 from opsexec.engine.services import open_services
 from opsexec.observability.logging import install_masking_on_all_handlers
+from opsexec.progress.bus import EventBus
+from opsexec.progress.tickets import StreamTickets
 from opsexec.queue.worker import Worker, WorkerOptions
 
 
@@ -47,6 +49,15 @@ def create_app(
             key_file = write_admin_key(settings.data_dir, bootstrapped.api_key)
             if on_admin_created is not None:
                 on_admin_created(bootstrapped, str(key_file))
+        bus = EventBus(
+            services.db.pool,
+            services.db.dsn,
+            redis_url=settings.redis_url,
+            poll_interval_s=settings.event_poll_interval_s,
+        )
+        await bus.start()
+        app.state.bus = bus
+        app.state.stream_tickets = StreamTickets()
         worker = None
         if worker_concurrency > 0:
             worker = Worker(
@@ -66,6 +77,7 @@ def create_app(
             if worker is not None:
                 worker.stop()
                 await worker_task
+            await bus.stop()
             await services.close()
 
     app = FastAPI(
@@ -76,6 +88,6 @@ def create_app(
     )
     app.state.settings = settings
     install_problem_handlers(app)
-    for module in (health, executions, admin, assets, credentials):
+    for module in (health, executions, admin, assets, credentials, progress, console):
         app.include_router(module.router)
     return app

@@ -9,16 +9,24 @@ from uuid import UUID
 from opsexec.safety.masking import mask_value
 from opsexec.store import Connection
 
+EVENTS_CHANNEL = "opsexec_events"
+"""The NOTIFY channel announcing committed events as ``<execution_id>:<seq>``."""
+
 # The advisory lock serialises event writers of one execution until they commit, so `seq`
 # (allocated at insert) is also commit order within an execution: a stream that read up
 # to seq N can never later find an event N-1 appear behind it.
-APPEND_EVENT = """
+# pg_notify in the same statement queues the announcement in the caller's transaction:
+# PostgreSQL delivers it only if, and only after, that transaction commits. The payload is
+# the seq alone (NOTIFY payloads are capped near 8 KB); listeners read the row.
+APPEND_EVENT = f"""
 WITH ordered AS (
     SELECT pg_advisory_xact_lock(hashtextextended($1::uuid::text, 0))
+), inserted AS (
+    INSERT INTO execution_events (execution_id, step_id, event_kind, payload, metadata)
+    SELECT $1::uuid, $2::uuid, $3::varchar, $4::jsonb, $5::jsonb FROM ordered
+    RETURNING seq
 )
-INSERT INTO execution_events (execution_id, step_id, event_kind, payload, metadata)
-SELECT $1::uuid, $2::uuid, $3::varchar, $4::jsonb, $5::jsonb FROM ordered
-RETURNING seq
+SELECT seq, pg_notify('{EVENTS_CHANNEL}', $1::uuid::text || ':' || seq) FROM inserted
 """
 
 
