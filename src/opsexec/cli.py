@@ -84,6 +84,8 @@ def serve(
         host=host,
         port=port,
         log_config=uvicorn_log_config(settings.log_level, settings.log_format),
+        # Open SSE/WebSocket streams must not hold a shutdown open; clients resume by seq.
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
 
 

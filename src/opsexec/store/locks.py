@@ -91,7 +91,8 @@ event AS (
     FROM summary, ordered
     RETURNING seq
 )
-SELECT summary.taken, summary.expires_at, (SELECT seq FROM event) AS event_seq
+SELECT summary.taken, summary.expires_at, (SELECT seq FROM event) AS event_seq,
+       (SELECT pg_notify('opsexec_events', $1::uuid::text || ':' || seq) FROM event)
 FROM summary
 """
 
@@ -198,7 +199,8 @@ event AS (
     FROM summary, ordered
     RETURNING seq
 )
-SELECT summary.keys, (SELECT seq FROM event) AS event_seq
+SELECT summary.keys, (SELECT seq FROM event) AS event_seq,
+       (SELECT pg_notify('opsexec_events', $1::uuid::text || ':' || seq) FROM event)
 FROM summary
 """
 
