@@ -26,9 +26,11 @@ if TYPE_CHECKING:
 app = typer.Typer(no_args_is_help=True, help="Safe execution of automation plans.")
 admin_app = typer.Typer(no_args_is_help=True, help="Tenants, users and API keys.")
 assets_app = typer.Typer(no_args_is_help=True, help="The inventory of targets.")
+dlq_app = typer.Typer(no_args_is_help=True, help="The dead-letter queue.")
 app.add_typer(admin_app, name="admin")
 register_secret_commands(admin_app)
 app.add_typer(assets_app, name="assets")
+app.add_typer(dlq_app, name="dlq")
 
 UrlOption = Annotated[str, typer.Option("--url", envvar="OPSEXEC_URL", help="The opsexec server.")]
 ApiKeyOption = Annotated[
@@ -299,6 +301,52 @@ def assets_import(
 
 
 register_client_commands(app)
+
+
+@dlq_app.command("list")
+def dlq_list(
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Jobs whose attempts are spent, newest first."""
+    try:
+        with _client(url, api_key) as client:
+            entries = client.request("GET", "/v1/dlq")
+    except ApiError as error:
+        _fail(error)
+    if as_json:
+        typer.echo(json.dumps(entries))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "execution", "failed at", "attempts", "last error", "requeued")
+    for entry in entries:
+        table.add_row(
+            entry["id"],
+            entry["execution_id"],
+            entry["failed_at"],
+            str(entry["attempt_count"]),
+            (entry["last_error"] or "")[:60],
+            entry["requeued_at"] or "",
+        )
+    Console().print(table)
+
+
+@dlq_app.command("requeue")
+def dlq_requeue(
+    dlq_id: Annotated[str, typer.Argument(help="The dead letter's id.")],
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Put a dead-lettered job back in the queue with fresh attempts."""
+    try:
+        with _client(url, api_key) as client:
+            entry = client.request("POST", f"/v1/dlq/{dlq_id}/requeue")
+    except ApiError as error:
+        _fail(error)
+    typer.echo(f"requeued execution {entry['execution_id']}")
 
 
 def main() -> None:

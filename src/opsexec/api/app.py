@@ -10,7 +10,16 @@ from fastapi import FastAPI
 
 from opsexec import __version__
 from opsexec.api.problems import install_problem_handlers
-from opsexec.api.routes import admin, assets, console, credentials, executions, health, progress
+from opsexec.api.routes import (
+    admin,
+    assets,
+    console,
+    credentials,
+    dlq,
+    executions,
+    health,
+    progress,
+)
 from opsexec.config import Settings
 from opsexec.engine.bootstrap import Bootstrapped, bootstrap_first_admin, write_admin_key
 from opsexec.engine.services import open_services
@@ -88,6 +97,6 @@ def create_app(
     )
     app.state.settings = settings
     install_problem_handlers(app)
-    for module in (health, executions, admin, assets, credentials, progress, console):
+    for module in (health, executions, admin, assets, credentials, dlq, progress, console):
         app.include_router(module.router)
     return app
