@@ -1,0 +1,225 @@
+"""Workers dying and leaving: kill -9 mid-step, SIGTERM hand-back, priority order."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from opsexec.store import queue as queue_store
+from opsexec.store import transaction
+from tests.conftest import TenantFixture, bearer
+
+pytestmark = pytest.mark.postgres
+
+
+async def start_worker(dsn: str, tmp_path: Path, name: str) -> asyncio.subprocess.Process:
+    env = {
+        **os.environ,
+        "OPSEXEC_DATABASE_URL": dsn,
+        "OPSEXEC_DATA_DIR": str(tmp_path / "data"),
+        "OPSEXEC_REAPER_INTERVAL_S": "0.3",
+        "OPSEXEC_QUEUE_BACKOFF_UNIT_S": "0.05",
+        "OPSEXEC_SHUTDOWN_GRACE_S": "20",
+    }
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "opsexec",
+        "worker",
+        "--worker-id",
+        name,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+async def submit_background(
+    http: httpx.AsyncClient, tenant: TenantFixture, pool: asyncpg.Pool, commands: list[str]
+) -> str:
+    steps = [
+        {
+            "id": f"s{i}",
+            "action": "shell.run",
+            "targets": ["local-01"],
+            "inputs": {"command": command},
+            "estimated_duration_s": 6,
+            **({"depends_on": [f"s{i - 1}"]} if i else {}),
+        }
+        for i, command in enumerate(commands)
+    ]
+    headers = bearer(tenant.admin_key)
+    execution = (
+        await http.post("/v1/executions", json={"plan": {"steps": steps}}, headers=headers)
+    ).json()
+    assert execution["execution_mode"] == "background"
+    # Short leases so a dead worker's job comes back within the test's patience.
+    await pool.execute(
+        """UPDATE execution_queue SET metadata = metadata || '{"lease_ms": 1500}'
+           WHERE execution_id = $1""",
+        uuid.UUID(execution["id"]),
+    )
+    await http.post(f"/v1/executions/{execution['id']}/approve", headers=headers)
+    return str(execution["id"])
+
+
+async def wait_until(probe: Any, timeout: float = 60.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await probe()
+        if value:
+            return value
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
+        await asyncio.sleep(0.1)
+
+
+async def step_status(pool: asyncpg.Pool, execution_id: str, number: int) -> str:
+    status: str = await pool.fetchval(
+        "SELECT status FROM execution_steps WHERE execution_id = $1 AND step_number = $2",
+        uuid.UUID(execution_id),
+        number,
+    )
+    return status
+
+
+async def finished(pool: asyncpg.Pool, execution_id: str) -> asyncpg.Record | None:
+    row = await pool.fetchrow("SELECT * FROM executions WHERE id = $1", uuid.UUID(execution_id))
+    return row if row["status"] in ("succeeded", "failed", "cancelled") else None
+
+
+async def stop(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+async def test_kill_9_mid_step_resumes_and_never_repeats_a_side_effect(
+    http: httpx.AsyncClient,
+    stocked: TenantFixture,
+    pool: asyncpg.Pool,
+    database_dsn: str,
+    tmp_path: Path,
+) -> None:
+    trail = tmp_path / "trail"
+    marker = f"31.{uuid.uuid4().int % 10**6:06d}"
+    execution_id = await submit_background(
+        http, stocked, pool, [f"echo one >> {trail}", f"echo two >> {trail}; sleep {marker}"]
+    )
+    first = await start_worker(database_dsn, tmp_path, "doomed")
+    second = None
+    try:
+        await wait_until(lambda: _is(step_status(pool, execution_id, 2), "running"))
+        first.kill()  # SIGKILL: no goodbye, no lease hand-back
+        await first.wait()
+        second = await start_worker(database_dsn, tmp_path, "rescuer")
+        row = await wait_until(lambda: finished(pool, execution_id))
+    finally:
+        await stop(first)
+        if second is not None:
+            await stop(second)
+    # Step 1 succeeded before the crash and was not run again; step 2 (shell.run is not
+    # idempotent) was mid-flight, so a person must decide.
+    assert trail.read_text().split() == ["one", "two"]
+    assert row["status"] == "failed"
+    assert row["error_class"] == "IndeterminateStepOutcome"
+    kinds = [
+        r["event_kind"]
+        for r in await pool.fetch(
+            "SELECT event_kind FROM execution_events WHERE execution_id = $1 ORDER BY seq",
+            uuid.UUID(execution_id),
+        )
+    ]
+    assert "lease_expired" in kinds
+
+
+async def _is(awaitable: Any, expected: str) -> bool:
+    return bool(await awaitable == expected)
+
+
+async def test_sigterm_finishes_the_step_and_hands_the_job_back(
+    http: httpx.AsyncClient,
+    stocked: TenantFixture,
+    pool: asyncpg.Pool,
+    database_dsn: str,
+    tmp_path: Path,
+) -> None:
+    trail = tmp_path / "trail"
+    execution_id = await submit_background(
+        http,
+        stocked,
+        pool,
+        [f"sleep 1; echo one >> {trail}", f"echo two >> {trail}"],
+    )
+    # Long leases here: the hand-back, not lease expiry, must bring the job back.
+    await pool.execute(
+        """UPDATE execution_queue SET metadata = metadata || '{"lease_ms": 600000}'
+           WHERE execution_id = $1""",
+        uuid.UUID(execution_id),
+    )
+    first = await start_worker(database_dsn, tmp_path, "leaving")
+    second = None
+    try:
+        await wait_until(lambda: _is(step_status(pool, execution_id, 1), "running"))
+        first.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(first.wait(), 30) == 0
+        job = await pool.fetchrow(
+            "SELECT status, attempt, leased_by FROM execution_queue WHERE execution_id = $1",
+            uuid.UUID(execution_id),
+        )
+        assert (job["status"], job["attempt"], job["leased_by"]) == ("queued", 0, None)
+        assert await step_status(pool, execution_id, 1) == "succeeded"
+        second = await start_worker(database_dsn, tmp_path, "taking-over")
+        row = await wait_until(lambda: finished(pool, execution_id), timeout=20)
+    finally:
+        await stop(first)
+        if second is not None:
+            await stop(second)
+    assert row["status"] == "succeeded"
+    assert trail.read_text().split() == ["one", "two"]
+
+
+async def test_dequeue_takes_urgent_before_normal_before_bulk(
+    pool: asyncpg.Pool, tenant: TenantFixture
+) -> None:
+    ids = {}
+    async with transaction(pool) as connection:
+        for name, priority in [("bulk", 100), ("normal", 50), ("urgent", 0)]:
+            execution_id = await connection.fetchval(
+                """INSERT INTO executions (tenant_id, actor_id, idempotency_key, plan_hash,
+                       plan_snapshot, plan_size_bytes, step_count, target_count,
+                       execution_mode, approval_level, sla_class, status)
+                   VALUES ($1, $2, $3, repeat('0', 64), '{"steps": []}', 2, 1, 0,
+                       'background', 0, 'medium', 'approved')
+                   RETURNING id""",
+                tenant.id,
+                tenant.admin_id,
+                uuid.uuid4().hex,
+            )
+            await queue_store.enqueue(
+                connection, execution_id, priority=priority, max_attempts=3, runnable=True
+            )
+            ids[execution_id] = name
+    order: list[str] = []
+    async with pool.acquire() as connection:
+        # Other tests' runnable jobs may share this database: lease past them, then roll
+        # every lease back so nothing here outlives the test.
+        leases = connection.transaction()
+        await leases.start()
+        try:
+            for _ in range(200):
+                jobs = await queue_store.dequeue(connection, "ordering-test", 1)
+                if not jobs or len(order) == 3:
+                    break
+                order.extend(ids[j["execution_id"]] for j in jobs if j["execution_id"] in ids)
+        finally:
+            await leases.rollback()
+    assert order == ["urgent", "normal", "bulk"]
