@@ -223,3 +223,53 @@ async def test_dequeue_takes_urgent_before_normal_before_bulk(
         finally:
             await leases.rollback()
     assert order == ["urgent", "normal", "bulk"]
+
+
+async def test_a_frozen_worker_cannot_write_after_losing_its_lease(
+    http: httpx.AsyncClient,
+    stocked: TenantFixture,
+    pool: asyncpg.Pool,
+    database_dsn: str,
+    tmp_path: Path,
+) -> None:
+    trail = tmp_path / "trail"
+    execution_id = await submit_background(
+        http, stocked, pool, [f"sleep 2; echo one >> {trail}", f"echo two >> {trail}"]
+    )
+    frozen = await start_worker(database_dsn, tmp_path, "frozen")
+    rescuer = None
+    try:
+        await wait_until(lambda: _is(step_status(pool, execution_id, 1), "running"))
+        frozen.send_signal(signal.SIGSTOP)  # no heartbeats: the lease runs out
+        rescuer = await start_worker(database_dsn, tmp_path, "rescuer")
+        row = await wait_until(lambda: finished(pool, execution_id))
+        events_before = await pool.fetchval(
+            "SELECT count(*) FROM execution_events WHERE execution_id = $1",
+            uuid.UUID(execution_id),
+        )
+        steps_before = await pool.fetch(
+            "SELECT * FROM execution_steps WHERE execution_id = $1 ORDER BY step_number",
+            uuid.UUID(execution_id),
+        )
+        frozen.send_signal(signal.SIGCONT)  # it wakes up believing it still runs the job
+        await asyncio.sleep(4)  # its sleep ends and it tries to record the step
+        events_after = await pool.fetchval(
+            "SELECT count(*) FROM execution_events WHERE execution_id = $1",
+            uuid.UUID(execution_id),
+        )
+        steps_after = await pool.fetch(
+            "SELECT * FROM execution_steps WHERE execution_id = $1 ORDER BY step_number",
+            uuid.UUID(execution_id),
+        )
+        final = await pool.fetchrow(
+            "SELECT * FROM executions WHERE id = $1", uuid.UUID(execution_id)
+        )
+    finally:
+        await stop(frozen)
+        if rescuer is not None:
+            await stop(rescuer)
+    assert row["worker_id"] == "frozen"
+    assert (row["status"], row["error_class"]) == ("failed", "IndeterminateStepOutcome")
+    assert events_after == events_before, "the frozen worker wrote an event"
+    assert [dict(r) for r in steps_after] == [dict(r) for r in steps_before]
+    assert dict(final) == dict(row)

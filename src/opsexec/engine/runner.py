@@ -187,9 +187,12 @@ class ExecutionEngine:
             error = exc
         finally:
             self._running.pop(execution_id, None)
-            await mutex.release_execution_locks(
-                self.pool, tenant_id=tenant_id, execution_id=execution_id
-            )
+            # Locks belong to the execution; once another worker holds its lease they are
+            # that worker's to release, not ours.
+            if await self._holds_lease(state):
+                await mutex.release_execution_locks(
+                    self.pool, tenant_id=tenant_id, execution_id=execution_id
+                )
         if state.parked:
             return S.AWAITING_APPROVAL
         if state.handed_back:
@@ -203,6 +206,15 @@ class ExecutionEngine:
             if state.fence is not None:
                 await state.fence(connection)
             yield connection
+
+    async def _holds_lease(self, state: _RunState) -> bool:
+        if state.fence is None:
+            return True
+        try:
+            async with self._tx(state):
+                return True
+        except LeaseLostError:
+            return False
 
     def drain(self) -> None:
         """Graceful shutdown: runs stop at their next step boundary and are handed back."""
