@@ -14,6 +14,7 @@ import asyncpg
 import httpx
 import pytest
 
+from opsexec.policy import MAX_LEASE_RENEWALS, SlaClass
 from opsexec.store import queue as queue_store
 from opsexec.store import transaction
 from tests.conftest import TenantFixture, bearer
@@ -59,7 +60,11 @@ async def submit_background(
     ]
     headers = bearer(tenant.admin_key)
     execution = (
-        await http.post("/v1/executions", json={"plan": {"steps": steps}}, headers=headers)
+        await http.post(
+            "/v1/executions",
+            json={"plan": {"steps": steps}, "mode": "background"},
+            headers=headers,
+        )
     ).json()
     assert execution["execution_mode"] == "background"
     # Short leases so a dead worker's job comes back within the test's patience.
@@ -273,3 +278,35 @@ async def test_a_frozen_worker_cannot_write_after_losing_its_lease(
     assert events_after == events_before, "the frozen worker wrote an event"
     assert [dict(r) for r in steps_after] == [dict(r) for r in steps_before]
     assert dict(final) == dict(row)
+
+
+async def test_lease_renewals_stop_at_the_sla_cap(
+    http: httpx.AsyncClient,
+    stocked: TenantFixture,
+    pool: asyncpg.Pool,
+    database_dsn: str,
+    tmp_path: Path,
+) -> None:
+    execution_id = await submit_background(http, stocked, pool, ["sleep 4.5", "true"])
+    job = await pool.fetchrow(
+        "SELECT metadata FROM execution_queue WHERE execution_id = $1", uuid.UUID(execution_id)
+    )
+    cap = job["metadata"]["max_lease_renewals"]
+    sla = await pool.fetchval(
+        "SELECT sla_class FROM executions WHERE id = $1", uuid.UUID(execution_id)
+    )
+    assert cap == MAX_LEASE_RENEWALS[SlaClass(sla)] == 3, "medium SLA: at most 3 renewals"
+    # A renewal every second; uncapped, a 4.5 s step would see four of them.
+    await pool.execute(
+        """UPDATE execution_queue SET metadata = metadata || '{"lease_ms": 3000}'
+           WHERE execution_id = $1""",
+        uuid.UUID(execution_id),
+    )
+    worker = await start_worker(database_dsn, tmp_path, "renewing")
+    try:
+        row = await wait_until(lambda: finished(pool, execution_id))
+    finally:
+        await stop(worker)
+    assert row["status"] == "succeeded"
+    assert row["lease_renewals"] == cap
+    assert row["worker_id"] == "renewing"
