@@ -310,3 +310,31 @@ async def test_lease_renewals_stop_at_the_sla_cap(
     assert row["status"] == "succeeded"
     assert row["lease_renewals"] == cap
     assert row["worker_id"] == "renewing"
+
+
+async def test_force_cancel_reaches_a_worker_process(
+    http: httpx.AsyncClient,
+    stocked: TenantFixture,
+    pool: asyncpg.Pool,
+    database_dsn: str,
+    tmp_path: Path,
+) -> None:
+    marker = f"32.{uuid.uuid4().int % 10**6:06d}"
+    execution_id = await submit_background(http, stocked, pool, [f"sleep {marker}", "true"])
+    worker = await start_worker(database_dsn, tmp_path, "cancellable")
+    try:
+        await wait_until(lambda: _is(step_status(pool, execution_id, 1), "running"))
+        started = asyncio.get_running_loop().time()
+        cancelled = await http.post(
+            f"/v1/executions/{execution_id}/cancel",
+            json={"force": True, "reason": "abort"},
+            headers=bearer(stocked.admin_key),
+        )
+        assert cancelled.status_code == 200, cancelled.text
+        row = await wait_until(lambda: finished(pool, execution_id), timeout=15)
+        elapsed = asyncio.get_running_loop().time() - started
+    finally:
+        await stop(worker)
+    assert row["status"] == "cancelled"
+    assert elapsed < 10, "the sleeping step was killed, not waited for"
+    assert await step_status(pool, execution_id, 2) == "cancelled"

@@ -52,6 +52,11 @@ async def request_cancel(
             )
         else:
             cancelled = await _cancel(connection, actor, execution, reason)
+        if force and cancelled["status"] == S.RUNNING:
+            # Whichever worker process runs it hears this at commit and kills the step.
+            await connection.execute(
+                "SELECT pg_notify('opsexec_cancel', $1::text)", str(execution_id)
+            )
     if force and cancelled["status"] == S.RUNNING and interrupt is not None:
         interrupt(execution_id)
     return cancelled
