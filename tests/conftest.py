@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,10 +72,10 @@ async def server_dsn() -> AsyncIterator[str]:
             await embedded.stop()
 
 
-@pytest.fixture(scope="session")
-async def database_dsn(server_dsn: str) -> AsyncIterator[str]:
-    """A brand-new database migrated by Alembic: the migrations are under test too."""
-    name = f"opsexec_test_{secrets.token_hex(4)}"
+@asynccontextmanager
+async def migrated_database(server_dsn: str, prefix: str) -> AsyncIterator[str]:
+    """A brand-new database migrated by Alembic, dropped afterwards."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(server_dsn)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
@@ -90,6 +91,13 @@ async def database_dsn(server_dsn: str) -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def database_dsn(server_dsn: str) -> AsyncIterator[str]:
+    """The session's database: migrated by Alembic, so the migrations are under test too."""
+    async with migrated_database(server_dsn, "opsexec_test") as dsn:
+        yield dsn
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
-from tests.conftest import ApiServer, TenantFixture, bearer, with_database
+from tests.conftest import ApiServer, TenantFixture, bearer, migrated_database
 from tests.live_support import (
     ServeProcess,
     approve,
@@ -365,24 +365,8 @@ async def test_sse_sends_heartbeats_while_idle_and_204_once_nothing_is_left(
 @pytest.fixture(scope="module")
 async def cluster_dsn(server_dsn: str) -> AsyncIterator[str]:
     """A database of its own: no in-process worker of this suite may take these jobs."""
-    from opsexec.store import migrate
-
-    name = f"opsexec_cluster_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    dsn = with_database(server_dsn, name)
-    await migrate.upgrade(dsn)
-    try:
+    async with migrated_database(server_dsn, "opsexec_cluster") as dsn:
         yield dsn
-    finally:
-        admin = await asyncpg.connect(server_dsn)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 async def cluster_tenant(dsn: str) -> str:

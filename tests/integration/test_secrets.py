@@ -51,10 +51,10 @@ from opsexec.safety.secrets import (
     secret_reference_names,
     secret_scope,
 )
-from opsexec.store import create_pool, migrate, transaction
+from opsexec.store import create_pool, transaction
 from opsexec.store import secrets as store
 from opsexec.store.identity import ensure_tenant
-from tests.conftest import REPO_ROOT, TenantFixture, with_database
+from tests.conftest import REPO_ROOT, TenantFixture, migrated_database
 
 pytestmark = pytest.mark.postgres
 
@@ -439,22 +439,8 @@ async def test_secret_scope_registers_on_first_use_and_releases(
 @pytest.fixture(scope="module")
 async def rotation_dsn(server_dsn: str) -> AsyncIterator[str]:
     """A database of this module's own: rotation re-encrypts every row of every tenant."""
-    name = f"opsexec_test_secrets_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    dsn = with_database(server_dsn, name)
-    await migrate.upgrade(dsn)
-    try:
+    async with migrated_database(server_dsn, "opsexec_test_secrets") as dsn:
         yield dsn
-    finally:
-        admin = await asyncpg.connect(server_dsn)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 @pytest.fixture
