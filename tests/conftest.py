@@ -8,6 +8,8 @@ runs even on a bare machine.
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import os
 import secrets
 import socket
@@ -27,6 +29,7 @@ import pytest
 import yaml
 
 from opsexec.config import Settings, get_settings
+from opsexec.observability.logging import JsonFormatter, MaskingFilter
 from opsexec.store import create_pool, migrate, transaction
 from opsexec.store.embedded import EmbeddedPostgres
 from opsexec.store.identity import create_api_key, ensure_tenant, ensure_user
@@ -228,3 +231,21 @@ async def stocked(http: httpx.AsyncClient, tenant: TenantFixture) -> TenantFixtu
     response = await http.post("/v1/assets", json=inventory, headers=bearer(tenant.admin_key))
     assert response.status_code == 201, response.text
     return tenant
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[io.StringIO]:
+    """Log lines as our real sink writes them (masking filter + JSON formatter)."""
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.addFilter(MaskingFilter())
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield buffer
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)

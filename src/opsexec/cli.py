@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 from opsexec.cli_client import register as register_client_commands
+from opsexec.cli_ops import register as register_ops_commands
 from opsexec.cli_secrets import register as register_secret_commands
 from opsexec.client import ApiError, Client, resolve_api_key
 from opsexec.config import get_settings
@@ -113,8 +114,17 @@ def worker(
     worker_id: Annotated[
         str | None, typer.Option(help="Name in leases and logs (default host:pid).")
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve this worker's Prometheus metrics on this port.", min=1),
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Address for --metrics-port.")] = "127.0.0.1",
 ) -> None:
-    """Run background jobs until SIGTERM/SIGINT, then drain gracefully and exit 0."""
+    """Run background jobs until SIGTERM/SIGINT, then drain gracefully and exit 0.
+
+    `opsexec workers drain ID` makes it finish its current jobs, take no new one, and
+    exit 0 as well.
+    """
     import signal
 
     from opsexec.engine.services import open_services
@@ -132,7 +142,14 @@ def worker(
                 shutdown_grace_s=settings.shutdown_grace_s,
                 reaper_interval_s=settings.reaper_interval_s,
                 backoff_unit_s=settings.queue_backoff_unit_s,
+                heartbeat_interval_s=settings.worker_heartbeat_s,
             )
+            if metrics_port is not None:
+                from prometheus_client import start_http_server
+
+                from opsexec.observability.metrics import new_registry
+
+                start_http_server(metrics_port, metrics_host, registry=new_registry())
             job_runner = Worker(services.db.pool, services.db.dsn, services.engine, options)
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -156,7 +173,8 @@ def reap() -> None:
     async def run() -> Any:
         database = await open_database(settings)
         try:
-            return await Reaper(database.pool).reap_once()
+            reaper = Reaper(database.pool, backoff_unit_s=settings.queue_backoff_unit_s)
+            return await reaper.reap_once()
         finally:
             await database.close()
 
@@ -301,6 +319,7 @@ def assets_import(
 
 
 register_client_commands(app)
+register_ops_commands(app)
 
 
 @dlq_app.command("list")

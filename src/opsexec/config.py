@@ -46,6 +46,17 @@ class Settings(BaseSettings):
     record_only: bool = Field(
         default=False, description="Record everything, run no action (all tenants)."
     )
+    operator_tenant: str = Field(
+        default="default",
+        description="Admins of this tenant hold the service-wide controls: the runtime "
+        "kill switch and worker drain.",
+    )
+    worker_heartbeat_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Workers refresh their heartbeat row this often; /readyz calls a worker "
+        "stale after three intervals without one.",
+    )
     reaper_interval_s: float = Field(default=60.0, gt=0, description="Reaper period.")
     queue_backoff_unit_s: float = Field(
         default=1.0, gt=0, description="Queue retry backoff is 2^attempt times this."

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import subprocess
 import threading
 import uuid
@@ -18,7 +17,6 @@ import asyncpg
 import httpx
 import pytest
 
-from opsexec.observability.logging import JsonFormatter, MaskingFilter
 from opsexec.safety.mutex import reap_expired_locks
 from tests.conftest import ApiServer, TenantFixture, bearer, dump_database, make_user
 from tests.fixtures.sshd import SshdServer
@@ -181,24 +179,6 @@ async def test_disk_usage_over_ssh_has_the_same_shape(
         + " "
         + (sshd_server.host_public_key.split(" ")[1])
     ), "trust on first use pins the host key"
-
-
-@pytest.fixture
-def captured_logs() -> Iterator[io.StringIO]:
-    """Log lines as our real sink writes them (masking filter + JSON formatter)."""
-    buffer = io.StringIO()
-    handler = logging.StreamHandler(buffer)
-    handler.addFilter(MaskingFilter())
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    previous = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield buffer
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(previous)
 
 
 @pytest.mark.parametrize("auth", ["password", "key"])

@@ -273,7 +273,7 @@ async def test_a_frozen_worker_cannot_write_after_losing_its_lease(
         await stop(frozen)
         if rescuer is not None:
             await stop(rescuer)
-    assert row["worker_id"] == "frozen"
+    assert row["worker_id"] == "rescuer", "worker_id names the worker that ran it last"
     assert (row["status"], row["error_class"]) == ("failed", "IndeterminateStepOutcome")
     assert events_after == events_before, "the frozen worker wrote an event"
     assert [dict(r) for r in steps_after] == [dict(r) for r in steps_before]

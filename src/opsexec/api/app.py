@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from opsexec import __version__
+from opsexec.api.middleware import ObservabilityMiddleware
 from opsexec.api.problems import install_problem_handlers
 from opsexec.api.routes import (
     admin,
@@ -18,12 +19,16 @@ from opsexec.api.routes import (
     dlq,
     executions,
     health,
+    operations,
     progress,
 )
+from opsexec.api.routes import metrics as metrics_routes
 from opsexec.config import Settings
 from opsexec.engine.bootstrap import Bootstrapped, bootstrap_first_admin, write_admin_key
 from opsexec.engine.services import open_services
+from opsexec.observability.heartbeat import stale_after_s
 from opsexec.observability.logging import install_masking_on_all_handlers
+from opsexec.observability.metrics import DatabaseGauges, new_registry
 from opsexec.progress.bus import EventBus
 from opsexec.progress.tickets import StreamTickets
 from opsexec.queue.worker import Worker, WorkerOptions
@@ -77,9 +82,12 @@ def create_app(
                     concurrency=worker_concurrency,
                     shutdown_grace_s=settings.shutdown_grace_s,
                     reaper_interval_s=settings.reaper_interval_s,
+                    backoff_unit_s=settings.queue_backoff_unit_s,
+                    heartbeat_interval_s=settings.worker_heartbeat_s,
                 ),
             )
             worker_task = asyncio.create_task(worker.run())
+        app.state.worker = worker
         try:
             yield
         finally:
@@ -97,6 +105,15 @@ def create_app(
     )
     app.state.settings = settings
     install_problem_handlers(app)
+    # Request ids and latency for every route; one metrics registry per app.
+    app.add_middleware(ObservabilityMiddleware)
+    app.state.metrics_gauges = DatabaseGauges(
+        fresh_within_s=stale_after_s(settings.worker_heartbeat_s),
+        kill_switch_env=settings.kill_switch,
+    )
+    app.state.metrics_registry = new_registry(app.state.metrics_gauges)
+    for extra in (metrics_routes, operations):
+        app.include_router(extra.router)
     for module in (health, executions, admin, assets, credentials, dlq, progress, console):
         app.include_router(module.router)
     return app

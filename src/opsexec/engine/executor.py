@@ -20,6 +20,7 @@ from opsexec.actions.registry import ActionRegistry
 from opsexec.config import Settings
 from opsexec.engine import approvals
 from opsexec.engine.actor import Actor
+from opsexec.engine.controls import ServiceControls
 from opsexec.errors import (
     ApprovalLevelNotEnabledError,
     ConflictError,
@@ -30,6 +31,8 @@ from opsexec.errors import (
     ServiceDisabledError,
 )
 from opsexec.fsm import ExecutionStatus
+from opsexec.observability import metrics
+from opsexec.observability.fields import execution_fields, outcome_fields
 from opsexec.plan import (
     Plan,
     canonical_json,
@@ -165,6 +168,7 @@ class Executor:
         self.registry = registry
         self.settings = settings
         self.runner = runner
+        self.controls = ServiceControls(pool, settings)
 
     # --- preparation (no writes) -------------------------------------------------------
 
@@ -242,11 +246,12 @@ class Executor:
                     extra={"permission": permission},
                 )
 
-    def _check_enabled(self, actor: Actor) -> None:
-        if self.settings.kill_switch:
+    async def _check_enabled(self, actor: Actor) -> None:
+        kill_switch = await self.controls.kill_switch()
+        if kill_switch.engaged:
             raise ServiceDisabledError(
                 "execution is switched off on this service (kill switch)",
-                extra={"reason": "kill_switch"},
+                extra={"reason": "kill_switch", "source": kill_switch.source},
             )
         if not actor.tenant_settings.enabled:
             raise ServiceDisabledError(
@@ -258,7 +263,7 @@ class Executor:
 
     async def submit(self, actor: Actor, submission: Submission) -> Submitted:
         """Create an execution, or return the live one this submission duplicates."""
-        self._check_enabled(actor)
+        await self._check_enabled(actor)
         plan, size = self.load(actor, submission.plan)
         key = submission.idempotency_key or derive_idempotency_key(
             canonical_json(plan), actor.tenant_id, actor.user_id
@@ -270,6 +275,7 @@ class Executor:
                 connection, actor, key, plan_hash(plan), submission
             )
         if existing is not None:
+            metrics.idempotent_hit()
             return Submitted(existing, created=False)
         async with transaction(self.pool) as connection:
             prepared = await self.prepare(
@@ -289,13 +295,15 @@ class Executor:
                     "actor_id": actor.user_id,
                     "request_id": submission.request_id,
                     "idempotency_key": key,
-                    "metadata": self._metadata(prepared, submission),
+                    "metadata": self._metadata(prepared, submission)
+                    | ({"request_id": actor.request_id} if actor.request_id else {}),
                 },
             )
             if row is None:
                 # A concurrent twin committed first; the unique index made us wait for it.
                 twin = await executions.find_active_by_key(connection, actor.tenant_id, key)
                 assert twin is not None
+                metrics.idempotent_hit()
                 return Submitted(twin, created=False)
             await executions.insert_steps(connection, row["id"], prepared.steps)
             await events.append_event(
@@ -305,14 +313,7 @@ class Executor:
             await _enqueue_background(connection, row, prepared)
         logger.info(
             "execution submitted",
-            extra={
-                "exec_id": str(row["id"]),
-                "tenant_id": str(actor.tenant_id),
-                "actor_id": str(actor.user_id),
-                "plan_hash": prepared.hash,
-                "approval_level": row["approval_level"],
-                "status": row["status"],
-            },
+            extra=execution_fields(row, prepared.plan, self.registry) | outcome_fields(row),
         )
         return Submitted(await self.after_approval(row), created=True)
 
@@ -442,7 +443,7 @@ class Executor:
         self, actor: Actor, execution_id: UUID, document: Any, *, runbook_url: str | None
     ) -> asyncpg.Record:
         """Replace the plan of an execution still waiting; its approvals are voided."""
-        self._check_enabled(actor)
+        await self._check_enabled(actor)
         async with transaction(self.pool) as connection:
             current = await self.get(connection, actor, execution_id, for_update=True)
             if current["status"] not in _AMENDABLE:
@@ -602,6 +603,7 @@ async def record_foreign_probe(
             actor_id=actor.user_id,
             severity="critical",
         )
+    metrics.rbac_violation("api")
     logger.warning(
         "rbac_violation: foreign %s requested",
         resource,

@@ -40,6 +40,14 @@ from opsexec.errors import (
     TransportError,
 )
 from opsexec.fsm import ExecutionStatus
+from opsexec.observability import metrics
+from opsexec.observability.fields import (
+    execution_fields,
+    execution_request_id,
+    outcome_fields,
+    primary_action,
+)
+from opsexec.observability.logging import bind_log_context
 from opsexec.plan import Plan, PlanStep, plan_from_snapshot, snapshot_hash
 from opsexec.policy import DEFAULT_MAX_CONCURRENCY
 from opsexec.safety import mutex
@@ -69,6 +77,14 @@ Fence = Callable[[Connection], Awaitable[None]]
 once the worker's lease is gone, so a worker that lost its job cannot write to it."""
 
 HANDED_BACK = "handed_back"
+
+INFRASTRUCTURE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+"""What a background run raises to its worker instead of failing the execution: the
+database or the network let the run down, and the queue's attempts and DLQ handle that."""
 
 
 @dataclass
@@ -146,7 +162,29 @@ class ExecutionEngine:
         With ``defer_when_busy`` (background work) a held lock raises
         ``ResourceBusyError`` before anything changes, so the worker can retry later;
         otherwise (immediate) the execution fails and the error reaches the caller (409).
+        Every line logged during the run carries the execution's R-OBS fields.
         """
+        bound = {"worker_id": worker_id} if worker_id else {}
+        with bind_log_context(exec_id=str(execution_id), tenant_id=str(tenant_id), **bound):
+            return await self._run(
+                execution_id,
+                tenant_id,
+                worker_id=worker_id,
+                queue_wait_ms=queue_wait_ms,
+                defer_when_busy=defer_when_busy,
+                fence=fence,
+            )
+
+    async def _run(
+        self,
+        execution_id: UUID,
+        tenant_id: UUID,
+        *,
+        worker_id: str | None,
+        queue_wait_ms: int | None,
+        defer_when_busy: bool,
+        fence: Fence | None,
+    ) -> str:
         state = await self._prepare(execution_id, tenant_id, fence)
         if state is None:
             return await self._status(execution_id)
@@ -176,17 +214,32 @@ class ExecutionEngine:
                 steps_task.cancel()
                 await asyncio.gather(steps_task, return_exceptions=True)
                 timed_out = True
-        except (_Cancelled, asyncio.CancelledError):
+        except _Cancelled:
             outcome = S.CANCELLED
+        except asyncio.CancelledError:
+            # A forced cancel interrupts the steps; so does a draining worker whose grace
+            # period ran out, and that job goes back to the queue instead of ending.
+            if self._draining and fence is not None:
+                state.handed_back = True
+            else:
+                outcome = S.CANCELLED
         except _HandBack:
             state.handed_back = True
         except LeaseLostError:
             raise
         except Exception as exc:  # an infrastructure failure inside the run: record it
+            if fence is not None and isinstance(exc, INFRASTRUCTURE_ERRORS):
+                # Background: the database or network failed, not the plan. The worker
+                # charges a queue attempt and retries with backoff (then the DLQ).
+                raise
             logger.exception("execution run failed", extra={"exec_id": str(execution_id)})
             error = exc
         finally:
-            self._running.pop(execution_id, None)
+            running = self._running.pop(execution_id, None)
+            if running is not None and not running.done():
+                # This run itself was cancelled: its steps must not go on without it.
+                running.cancel()
+                await asyncio.gather(running, return_exceptions=True)
             # Locks belong to the execution; once another worker holds its lease they are
             # that worker's to release, not ours.
             if await self._holds_lease(state):
@@ -263,6 +316,8 @@ class ExecutionEngine:
             record_only=self.settings.record_only or settings.record_only,
             fence=fence,
         )
+        # Undone by run()'s binding when it returns (fail_busy: with the worker's job task).
+        bind_log_context(**execution_fields(execution, plan, self.registry))
         denied = await self._permission_denied(state)
         if denied:
             await self._finish(state, S.FAILED, error=denied)
@@ -338,6 +393,7 @@ class ExecutionEngine:
                 "rbac_violation",
                 {"severity": "critical", "reason": why, "at": "engine"},
             )
+        metrics.rbac_violation("engine")
         logger.warning("permission revoked before run", extra={"exec_id": str(state.id)})
         return PermissionRevokedError(f"permission re-check failed: {why}")
 
@@ -379,7 +435,9 @@ class ExecutionEngine:
             return await step_store.steps_of(connection, execution_id)
 
     async def _check_cancel(self, state: _RunState) -> None:
-        if self._draining:
+        # Only background runs (fenced by a lease) can be handed back; an immediate run in
+        # a draining `serve` has no queue row and must finish where it is.
+        if self._draining and state.fence is not None:
             raise _HandBack
         state.cancel_checks += 1
         async with self.pool.acquire() as connection:
@@ -428,7 +486,10 @@ class ExecutionEngine:
                 if stop.is_set():
                     return
                 await self._check_cancel(state)
-                ok = await self._run_target(state, step, row)
+                with bind_log_context(
+                    action=step.action, target=row["target_ref"], step_number=row["step_number"]
+                ):
+                    ok = await self._run_target(state, step, row)
                 if not ok:
                     failures += 1
                     if failures > allowed_failures:
@@ -481,7 +542,7 @@ class ExecutionEngine:
                 attempt=attempt,
                 asset=asset,
                 timeout_s=started["timeout_ms"] / 1000,
-                request_id=str(state.execution["request_id"] or "") or None,
+                request_id=execution_request_id(state.execution),
                 cancel_flag=lambda: False,
             )
             try:
@@ -650,7 +711,7 @@ class ExecutionEngine:
                     actor_id=None,
                 )
             actor = await system_user_id(connection, state.tenant_id)
-            await executions.transition(
+            final = await executions.transition(
                 connection,
                 state.id,
                 state.tenant_id,
@@ -672,15 +733,11 @@ class ExecutionEngine:
             await events.append_event(
                 connection, state.id, kind, {"status": outcome, "answer": summary["answer"]}
             )
+        action = primary_action(state.plan, self.registry)
+        metrics.execution_finished(final, action)
         logger.info(
             "execution finished",
-            extra={
-                "exec_id": str(state.id),
-                "tenant_id": str(state.tenant_id),
-                "status": outcome,
-                "plan_hash": state.execution["plan_hash"],
-                "retries_total": state.retries,
-            },
+            extra=execution_fields(final, state.plan, self.registry) | outcome_fields(final),
         )
         return outcome
 

@@ -1,7 +1,8 @@
 """The reaper (R-QUEUE): expired leases, expired locks, expired approvals.
 
 Any number of workers run it periodically; a transaction-scoped advisory lock lets one
-pass run at a time across hosts, and ``SKIP LOCKED`` keeps it off rows in use.
+pass run at a time across hosts, and ``SKIP LOCKED`` keeps it off rows in use (a worker's
+fenced write holds its job row, so a lease being written under is never reaped mid-write).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from opsexec.engine.approvals import expire_due_approvals
+from opsexec.observability import metrics
 from opsexec.safety.mutex import reap_expired_locks
 from opsexec.store import Connection, events, transaction
 from opsexec.store import queue as store
@@ -29,6 +31,7 @@ async def dead_letter_job(connection: Connection, job: asyncpg.Record, error: st
         "dead_lettered",
         {"dlq_id": str(dlq_id), "attempts": job["attempt"], "error": error},
     )
+    metrics.dead_lettered()
     logger.warning(
         "job dead-lettered", extra={"exec_id": str(job["execution_id"]), "dlq_id": str(dlq_id)}
     )
@@ -49,28 +52,25 @@ class Reaper:
         self.backoff_unit_s = backoff_unit_s
 
     async def reap_once(self, limit: int = 200) -> ReapReport:
+        """One pass over leases, locks and approvals, unless another reaper is mid-pass.
+
+        A guard transaction holds the advisory lock for the whole pass, so "one at a time"
+        covers locks and approvals too. It touches no rows: the work runs in transactions
+        of its own, which may then write events on the same executions without waiting
+        on the guard. (Advisory locks stay transaction-scoped: pooled connections skip
+        asyncpg's reset query, so a session lock could outlive a failed unlock.)
+        """
         report = ReapReport()
-        async with transaction(self.pool) as connection:
-            if not await connection.fetchval(
-                "SELECT pg_try_advisory_xact_lock($1)", _REAPER_LOCK_ID
-            ):
+        async with self.pool.acquire() as guard, guard.transaction():
+            if not await guard.fetchval("SELECT pg_try_advisory_xact_lock($1)", _REAPER_LOCK_ID):
                 report.skipped = True
+                metrics.reaper_pass(skipped=True, leases_expired=0)
                 return report
-            for job in await store.expired_leases(connection, limit):
-                error = f"lease held by {job['leased_by']} expired"
-                await events.append_event(
-                    connection,
-                    job["execution_id"],
-                    "lease_expired",
-                    {"worker_id": job["leased_by"], "attempt": job["attempt"] + 1},
-                )
-                row = await store.fail_attempt(connection, job["id"], error, self.backoff_unit_s)
-                report.leases += 1
-                if row is not None and row["status"] == "failed":
-                    await dead_letter_job(connection, row, error)
-                    report.dead_lettered += 1
-        report.locks = await reap_expired_locks(self.pool)
-        report.approvals = await expire_due_approvals(self.pool)
+            async with transaction(self.pool) as connection:
+                await self._reap_leases(connection, limit, report)
+            report.locks = await reap_expired_locks(self.pool)
+            report.approvals = await expire_due_approvals(self.pool)
+        metrics.reaper_pass(skipped=False, leases_expired=report.leases)
         if report.leases or report.locks or report.approvals:
             logger.info(
                 "reaper pass",
@@ -82,3 +82,26 @@ class Reaper:
                 },
             )
         return report
+
+    async def _reap_leases(self, connection: Connection, limit: int, report: ReapReport) -> None:
+        """A job whose worker stopped heartbeating is charged an attempt and retried later."""
+        for job in await store.expired_leases(connection, limit):
+            error = f"lease held by {job['leased_by']} expired"
+            row = await store.fail_attempt(connection, job["id"], error, self.backoff_unit_s)
+            if row is None:  # locked FOR UPDATE above: cannot happen, but never guess
+                continue
+            report.leases += 1
+            await events.append_event(
+                connection,
+                job["execution_id"],
+                "lease_expired",
+                {
+                    "worker_id": job["leased_by"],
+                    "attempt": row["attempt"],
+                    "max_attempts": row["max_attempts"],
+                    **store.retry_fields(row),
+                },
+            )
+            if row["status"] == "failed":
+                await dead_letter_job(connection, row, error)
+                report.dead_lettered += 1

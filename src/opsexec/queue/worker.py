@@ -24,9 +24,13 @@ import asyncpg
 from opsexec.engine.runner import HANDED_BACK, ExecutionEngine, Fence
 from opsexec.errors import LeaseLostError, ResourceBusyError
 from opsexec.fsm import ExecutionStatus
+from opsexec.observability.heartbeat import WorkerHeartbeat
+from opsexec.observability.logging import bind_log_context
 from opsexec.queue.reaper import Reaper, dead_letter_job
-from opsexec.store import Connection, connect, transaction
+from opsexec.safety.masking import mask_text
+from opsexec.store import Connection, connect, events, transaction
 from opsexec.store import queue as store
+from opsexec.store.workers import DRAIN_CHANNEL
 
 logger = logging.getLogger("opsexec.worker")
 S = ExecutionStatus
@@ -34,6 +38,8 @@ S = ExecutionStatus
 QUEUE_CHANNEL = "opsexec_queue"
 CANCEL_CHANNEL = "opsexec_cancel"
 BUSY_BACKOFF_CAP_S = 30.0
+INTERRUPT_GRACE_S = 10.0
+"""After the shutdown grace, interrupted runs get this long to hand their jobs back."""
 
 
 def default_worker_id() -> str:
@@ -49,6 +55,8 @@ class WorkerOptions:
     """Seconds per 2^attempt of queue-level backoff; tests shrink it."""
     reaper_interval_s: float = 60.0
     worker_id: str = field(default_factory=default_worker_id)
+    heartbeat_interval_s: float = 10.0
+    """How often the worker's ``worker_heartbeats`` row is refreshed (readiness, drain)."""
 
 
 class Worker:
@@ -62,31 +70,55 @@ class Worker:
         self.id = options.worker_id
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._jobs: set[asyncio.Task[None]] = set()
+        self._jobs: dict[asyncio.Task[None], UUID] = {}
         self._listener: asyncpg.Connection | None = None
         self.reaper = Reaper(pool, backoff_unit_s=options.backoff_unit_s)
+        self._finish_jobs = False
+        self.presence = WorkerHeartbeat(
+            pool,
+            self.id,
+            concurrency=options.concurrency,
+            interval_s=options.heartbeat_interval_s,
+            running_jobs=lambda: len(self._jobs),
+            on_drain_requested=self.drain,
+        )
 
     # --- lifecycle -----------------------------------------------------------------------
 
     def stop(self) -> None:
         """Take no new jobs; running ones stop at their next step boundary."""
-        if not self._stopping.is_set():
+        if not self._stopping.is_set() or self._finish_jobs:  # also cuts a drain() short
             logger.info("worker draining", extra={"worker_id": self.id})
+            self._finish_jobs = False
             self._stopping.set()
             self.engine.drain()
+            self._wake.set()
+
+    def drain(self) -> None:
+        """Operator drain (R-ROLL): lease nothing new, finish the jobs in hand, then return.
+
+        Unlike ``stop()`` the running executions are not handed back: they run to their
+        end, however long that takes. A ``stop()`` (SIGTERM) meanwhile still applies its
+        grace period.
+        """
+        if not self._stopping.is_set():
+            logger.info("worker drain requested", extra={"worker_id": self.id})
+            self._finish_jobs = True
+            self._stopping.set()
             self._wake.set()
 
     async def run(self) -> None:
         """Work until ``stop()``; then wait for (or hand back) the jobs in flight."""
         await self._listen()
         reaper = asyncio.create_task(self._reap_periodically())
+        presence = asyncio.create_task(self.presence.run())
         try:
             while not self._stopping.is_set():
                 free = self.options.concurrency - len(self._jobs)
                 if free > 0:
                     for job in await self._lease(free):
                         task = asyncio.create_task(self._process(job))
-                        self._jobs.add(task)
+                        self._jobs[task] = job["execution_id"]
                         task.add_done_callback(self._finished)
                     if len(self._jobs) < self.options.concurrency and not self._wake.is_set():
                         await self._sleep()
@@ -95,11 +127,21 @@ class Worker:
             await self._drain()
         finally:
             reaper.cancel()
-            await asyncio.gather(reaper, return_exceptions=True)
+            presence.cancel()
+            await asyncio.gather(reaper, presence, return_exceptions=True)
+            await self.presence.stopped()
             await self._unlisten()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._jobs.discard(task)
+        execution_id = self._jobs.pop(task, None)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # The database was gone even for settling the job: its lease will expire and
+            # the reaper charges the attempt instead.
+            logger.error(
+                "could not settle a job",
+                exc_info=error,
+                extra={"worker_id": self.id, "exec_id": str(execution_id)},
+            )
         self._wake.set()
 
     async def _sleep(self) -> None:
@@ -108,10 +150,24 @@ class Worker:
         self._wake.clear()
 
     async def _drain(self) -> None:
+        """Runs stop at their next step boundary; past the grace period, steps are stopped.
+
+        An interrupted run hands its job back at once (no attempt charged); the step it
+        was in is then ``running`` in the database, so the next worker re-runs it only if
+        its action is idempotent. Cancelling the job's task is the last resort, for a run
+        that does not even come back from an interrupt.
+        """
+        while self._finish_jobs and self._jobs:  # drain(): whole jobs, until a stop()
+            await asyncio.wait(set(self._jobs), timeout=self.options.poll_interval_s)
         if not self._jobs:
             return
         _, pending = await asyncio.wait(set(self._jobs), timeout=self.options.shutdown_grace_s)
-        for task in pending:  # past the grace period: interrupt the steps themselves
+        if not pending:
+            return
+        for task in pending:
+            self.engine.interrupt(self._jobs[task])
+        _, stuck = await asyncio.wait(pending, timeout=INTERRUPT_GRACE_S)
+        for task in stuck:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
@@ -119,6 +175,7 @@ class Worker:
         self._listener = await connect(self.dsn)
         await self._listener.add_listener(QUEUE_CHANNEL, self._on_queue)
         await self._listener.add_listener(CANCEL_CHANNEL, self._on_cancel)
+        await self._listener.add_listener(DRAIN_CHANNEL, self._on_drain)
 
     async def _unlisten(self) -> None:
         if self._listener is not None:
@@ -134,6 +191,10 @@ class Worker:
         except ValueError:
             logger.warning("ignored a malformed cancel signal")
 
+    def _on_drain(self, _connection: Any, _pid: int, _channel: str, payload: object) -> None:
+        if str(payload) == self.id:
+            self.drain()
+
     async def _reap_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.options.reaper_interval_s)
@@ -146,7 +207,7 @@ class Worker:
         try:
             async with transaction(self.pool) as connection:
                 return await store.dequeue(connection, self.id, limit)
-        except (OSError, asyncpg.PostgresError):
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             logger.exception("could not lease jobs", extra={"worker_id": self.id})
             return []
 
@@ -156,10 +217,13 @@ class Worker:
         token: UUID = job["lease_token"]
         execution_id: UUID = job["execution_id"]
         log = {"exec_id": str(execution_id), "worker_id": self.id, "queue_id": str(job["id"])}
+        bind_log_context(**log)  # this job's own task: the binding ends with it
         fence = _fence(execution_id, token)
         lost = asyncio.Event()
         heartbeat = asyncio.create_task(self._heartbeat(job, lost))
         try:
+            if job["lease_count"] > 1:
+                await self._record_resumption(job, fence)
             status = await self.engine.run(
                 execution_id,
                 job["tenant_id"],
@@ -184,12 +248,39 @@ class Worker:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
 
+    async def _record_resumption(self, job: asyncpg.Record, fence: Fence) -> None:
+        """A running execution changes hands (its worker died or left): say who has it now.
+
+        ``worker_id`` names the worker that runs the execution last; the events keep every
+        hand-over (``lease_expired``, ``attempt_failed``, ``execution_resumed``).
+        """
+        async with transaction(self.pool) as connection:
+            await fence(connection)
+            moved = await connection.fetchval(
+                """UPDATE executions SET worker_id = $2
+                   WHERE id = $1 AND status = 'running' RETURNING id""",
+                job["execution_id"],
+                self.id,
+            )
+            if moved is not None:
+                await events.append_event(
+                    connection,
+                    job["execution_id"],
+                    "execution_resumed",
+                    {
+                        "worker_id": self.id,
+                        "lease_count": job["lease_count"],
+                        "attempt": job["attempt"] + 1,
+                    },
+                )
+
     async def _settle(self, job: asyncpg.Record, status: str) -> None:
         if status == HANDED_BACK:
             await self._hand_back(job, available_in_s=0.0, reason="worker shutting down")
         elif status == S.AWAITING_APPROVAL:
             # Parked at a level-3 gate: the approval releases the job again.
-            await self._hand_back(job, available_in_s=None, reason="awaiting step approval")
+            async with transaction(self.pool) as connection:
+                await store.park(connection, job["id"], job["lease_token"], job["execution_id"])
         else:
             async with transaction(self.pool) as connection:
                 await store.complete(connection, job["id"], job["lease_token"])
@@ -239,12 +330,31 @@ class Worker:
         )
 
     async def _fail_attempt(self, job: asyncpg.Record, error: str) -> None:
+        """Charge an attempt (only while the lease is still ours), back off or dead-letter."""
         async with transaction(self.pool) as connection:
             row = await store.fail_attempt(
-                connection, job["id"], error, self.options.backoff_unit_s
+                connection,
+                job["id"],
+                error,
+                self.options.backoff_unit_s,
+                token=job["lease_token"],
             )
-            if row is not None and row["status"] == "failed":
-                await dead_letter_job(connection, row, error)
+            if row is None:
+                return
+            await events.append_event(
+                connection,
+                job["execution_id"],
+                "attempt_failed",
+                {
+                    "worker_id": self.id,
+                    "attempt": row["attempt"],
+                    "max_attempts": row["max_attempts"],
+                    "error": mask_text(error),
+                    **store.retry_fields(row),
+                },
+            )
+            if row["status"] == "failed":
+                await dead_letter_job(connection, row, mask_text(error))
 
     async def _heartbeat(self, job: asyncpg.Record, lost: asyncio.Event) -> None:
         """Renew the lease at a third of its length, up to the SLA's renewal cap."""
@@ -253,13 +363,20 @@ class Worker:
         renewals = 0
         while renewals < cap:
             await asyncio.sleep(lease_s / 3)
-            async with transaction(self.pool) as connection:
-                held = await store.heartbeat(connection, job["id"], job["lease_token"])
-                if held:
-                    await connection.execute(
-                        "UPDATE executions SET lease_renewals = lease_renewals + 1 WHERE id = $1",
-                        job["execution_id"],
-                    )
+            try:
+                async with transaction(self.pool) as connection:
+                    held = await store.heartbeat(connection, job["id"], job["lease_token"])
+                    if held:
+                        await connection.execute(
+                            "UPDATE executions SET lease_renewals = lease_renewals + 1"
+                            " WHERE id = $1",
+                            job["execution_id"],
+                        )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                # A blip must not end the heartbeats: try again at the next beat. If the
+                # database stays away, the lease runs out and the fence stops our writes.
+                logger.warning("heartbeat failed", exc_info=True, extra={"worker_id": self.id})
+                continue
             if not held:
                 lost.set()
                 self.engine.interrupt(job["execution_id"])

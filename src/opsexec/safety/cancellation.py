@@ -15,6 +15,7 @@ import asyncpg
 from opsexec.engine.actor import Actor
 from opsexec.errors import ConflictError, NotFoundError
 from opsexec.fsm import TERMINAL, ExecutionStatus
+from opsexec.observability import metrics
 from opsexec.store import Connection, events, executions, queue, transaction
 from opsexec.store import steps as step_store
 
@@ -57,6 +58,8 @@ async def request_cancel(
             await connection.execute(
                 "SELECT pg_notify('opsexec_cancel', $1::text)", str(execution_id)
             )
+    if cancelled is not execution and cancelled["status"] == S.CANCELLED:
+        metrics.execution_finished(cancelled)  # stopped before it ran; the engine ends the rest
     if force and cancelled["status"] == S.RUNNING and interrupt is not None:
         interrupt(execution_id)
     return cancelled

@@ -43,6 +43,7 @@ from uuid import UUID
 import asyncpg
 
 from opsexec.errors import NotFoundError, ResourceBusyError
+from opsexec.observability import metrics
 from opsexec.safety.masking import Masker, mask_value
 from opsexec.store import Connection, transaction
 from opsexec.store import locks as store
@@ -317,6 +318,7 @@ class AcquiredLocks:
 
 
 def _busy(wanted: Sequence[str], got: set[str], holders: Sequence[LockRow]) -> ResourceBusyError:
+    metrics.lock_conflict()
     missing = [key for key in wanted if key not in got]
     holder_of = {row.lock_key: row for row in holders}
     key = next((k for k in missing if k in holder_of), missing[0])
@@ -371,6 +373,7 @@ async def _acquire(
         if row.taken_over and row.previous_execution_id is not None
     )
     renewed = tuple(sorted(row.lock_key for row in rows if not row.fresh))
+    metrics.locks_reaped("taken_over", len(taken))
     expires_at = min(row.expires_at for row in rows)
 
     # (execution, order, kind, payload): lock_reaped for each old holder, then ours.
@@ -585,7 +588,9 @@ async def reap_expired_locks(pool: PoolOrConnection, *, limit: int = 500) -> int
             )
         return len(rows)
 
-    return await _in_transaction(pool, work)
+    reaped = await _in_transaction(pool, work)
+    metrics.locks_reaped("expired", reaped)
+    return reaped
 
 
 async def list_execution_locks(

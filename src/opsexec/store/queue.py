@@ -14,6 +14,9 @@ import asyncpg
 
 from opsexec.store import Connection
 
+DEFAULT_LEASE_MS = 60_000
+"""The lease of a job whose metadata names none (rows written by hand, old rows)."""
+
 # A job that waits for an approval exists from the start (so nothing is lost between
 # submit and approval) but is invisible to workers until the approval releases it.
 ENQUEUE = """
@@ -35,7 +38,8 @@ UPDATE execution_queue q
 SET status = 'leased',
     leased_by = $1,
     leased_at = now(),
-    lease_expires_at = now() + make_interval(secs => (q.metadata->>'lease_ms')::float / 1000),
+    lease_expires_at = now() + make_interval(
+        secs => coalesce((q.metadata->>'lease_ms')::float, $3) / 1000),
     lease_token = gen_random_uuid(),
     lease_count = q.lease_count + 1,
     started_at = coalesce(q.started_at, now())
@@ -46,7 +50,8 @@ RETURNING q.*, (SELECT tenant_id FROM executions e WHERE e.id = q.execution_id) 
 
 HEARTBEAT = """
 UPDATE execution_queue
-SET lease_expires_at = now() + make_interval(secs => (metadata->>'lease_ms')::float / 1000)
+SET lease_expires_at = now() + make_interval(
+    secs => coalesce((metadata->>'lease_ms')::float, $3) / 1000)
 WHERE id = $1 AND lease_token = $2 AND status = 'leased'
 RETURNING lease_expires_at
 """
@@ -64,13 +69,18 @@ RETURNING id
 HAND_BACK = """
 UPDATE execution_queue
 SET status = 'queued', leased_by = NULL, leased_at = NULL, lease_token = NULL,
-    lease_expires_at = NULL, available_at = $3, last_error = coalesce($4, last_error),
+    lease_expires_at = NULL,
+    available_at = CASE WHEN $3::float IS NULL THEN 'infinity'::timestamptz
+                        ELSE now() + make_interval(secs => $3::float) END,
+    last_error = coalesce($4, last_error),
     metadata = metadata || $5
 WHERE id = $1 AND lease_token = $2 AND status = 'leased'
 RETURNING id
 """
 
 # A failed attempt: back off 2^attempt seconds, or give up when attempts are spent.
+# A worker passes its lease token ($4), so a worker whose lease already passed to another
+# cannot charge the new owner's attempt; the reaper passes NULL for the rows it locked.
 FAIL_ATTEMPT = """
 UPDATE execution_queue
 SET attempt = attempt + 1,
@@ -79,8 +89,8 @@ SET attempt = attempt + 1,
     completed_at = CASE WHEN attempt + 1 >= max_attempts THEN now() END,
     leased_by = NULL, leased_at = NULL, lease_token = NULL, lease_expires_at = NULL,
     last_error = $2
-WHERE id = $1 AND status = 'leased'
-RETURNING *
+WHERE id = $1 AND status = 'leased' AND ($4::uuid IS NULL OR lease_token = $4::uuid)
+RETURNING *, extract(epoch FROM available_at - now())::float AS backoff_s
 """
 
 EXPIRED_LEASES = """
@@ -112,7 +122,7 @@ async def enqueue(
     priority: int,
     max_attempts: int,
     runnable: bool,
-    lease_ms: int = 60_000,
+    lease_ms: int = DEFAULT_LEASE_MS,
     max_lease_renewals: int = 3,
 ) -> UUID:
     queue_id: UUID = await connection.fetchval(
@@ -148,12 +158,13 @@ async def close_unrun(connection: Connection, execution_id: UUID, reason: str) -
 
 
 async def dequeue(connection: Connection, worker_id: str, limit: int) -> list[asyncpg.Record]:
-    return await connection.fetch(DEQUEUE, worker_id, limit)
+    """Lease up to ``limit`` runnable jobs, most urgent first, then oldest first."""
+    return await connection.fetch(DEQUEUE, worker_id, limit, DEFAULT_LEASE_MS)
 
 
 async def heartbeat(connection: Connection, queue_id: UUID, token: UUID) -> bool:
     """Extend the lease; False means it is gone and the worker must stop touching the job."""
-    return await connection.fetchval(HEARTBEAT, queue_id, token) is not None
+    return await connection.fetchval(HEARTBEAT, queue_id, token, DEFAULT_LEASE_MS) is not None
 
 
 async def complete(connection: Connection, queue_id: UUID, token: UUID) -> bool:
@@ -170,22 +181,57 @@ async def hand_back(
     metadata: dict[str, Any] | None = None,
 ) -> bool:
     """Return a leased job to the queue uncharged; ``None`` delay parks it until released."""
-    available_at = await connection.fetchval(
-        "SELECT CASE WHEN $1::float IS NULL THEN 'infinity'::timestamptz"
-        " ELSE now() + make_interval(secs => $1::float) END",
-        available_in_s,
-    )
     returned = await connection.fetchval(
-        HAND_BACK, queue_id, token, available_at, reason, metadata or {}
+        HAND_BACK, queue_id, token, available_in_s, reason, metadata or {}
     )
     return returned is not None
 
 
+async def park(connection: Connection, queue_id: UUID, token: UUID, execution_id: UUID) -> bool:
+    """Hand a job back until its step approval releases it (level-3 gate).
+
+    The approval may be decided between the engine parking the execution and this call;
+    its ``release`` then found the job still leased and changed nothing. Reading the
+    execution under a share lock (an approval holds it for update until it commits) closes
+    that window: a job whose execution is no longer awaiting approval stays runnable.
+    """
+    status = await connection.fetchval(
+        "SELECT status FROM executions WHERE id = $1 FOR SHARE", execution_id
+    )
+    waiting = status == "awaiting_approval"
+    returned = await hand_back(
+        connection,
+        queue_id,
+        token,
+        available_in_s=None if waiting else 0.0,
+        reason="awaiting step approval" if waiting else None,
+    )
+    if returned and not waiting:
+        await connection.execute("SELECT pg_notify('opsexec_queue', $1::text)", str(execution_id))
+    return returned
+
+
 async def fail_attempt(
-    connection: Connection, queue_id: UUID, error: str, backoff_unit_s: float = 1.0
+    connection: Connection,
+    queue_id: UUID,
+    error: str,
+    backoff_unit_s: float = 1.0,
+    *,
+    token: UUID | None = None,
 ) -> asyncpg.Record | None:
-    """Charge an attempt; the row says whether the job is queued again or failed for good."""
-    return await connection.fetchrow(FAIL_ATTEMPT, queue_id, error, backoff_unit_s)
+    """Charge an attempt; the row says whether the job is queued again or failed for good.
+
+    With ``token`` only the lease holder can charge it (None: the lease was lost). The row
+    carries ``backoff_s``, the wait before the next attempt, for the record.
+    """
+    return await connection.fetchrow(FAIL_ATTEMPT, queue_id, error, backoff_unit_s, token)
+
+
+def retry_fields(row: asyncpg.Record) -> dict[str, Any]:
+    """When a job charged with a failed attempt runs again (None: it was dead-lettered)."""
+    if row["status"] == "failed":
+        return {"retry_in_s": None, "retry_at": None}
+    return {"retry_in_s": row["backoff_s"], "retry_at": row["available_at"].isoformat()}
 
 
 async def expired_leases(connection: Connection, limit: int) -> list[asyncpg.Record]:

@@ -13,6 +13,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from opsexec.api.auth import Principal, require
 from opsexec.errors import ConflictError, NotFoundError, from_pydantic
+from opsexec.observability import metrics
 from opsexec.safety.rbac import Permission, unknown_roles
 from opsexec.store import identity as store
 from opsexec.store import transaction
@@ -175,6 +176,7 @@ async def _own_tenant(request: Request, admin: Principal, tenant_id: UUID) -> No
             actor_id=admin.user_id,
             severity="critical",
         )
+    metrics.rbac_violation("api")
     logger.warning(
         "rbac_violation: foreign tenant settings requested",
         extra={"tenant_id": str(admin.tenant_id), "target_tenant": str(tenant_id)},

@@ -15,6 +15,7 @@ from pydantic import ValidationError as PydanticValidationError
 from opsexec.api.auth import Principal, require
 from opsexec.engine.inventory import AssetSpec
 from opsexec.errors import ConflictError, NotFoundError, from_pydantic
+from opsexec.observability import metrics
 from opsexec.safety.rbac import Permission
 from opsexec.store import inventory as store
 from opsexec.store import transaction
@@ -58,6 +59,7 @@ async def _not_found(request: Request, principal: Principal, asset_id: UUID) -> 
                 actor_id=principal.user_id,
                 severity="critical",
             )
+            metrics.rbac_violation("api")
             logger.warning(
                 "rbac_violation: foreign asset requested",
                 extra={"tenant_id": str(principal.tenant_id), "asset_id": str(asset_id)},

@@ -1,4 +1,11 @@
-"""Liveness and readiness."""
+"""Liveness and readiness.
+
+``/readyz`` fails (503) only for what makes this process useless: no database, or a
+schema behind the code. Redis (optional by design) and the worker fleet are reported as
+``degraded`` without failing readiness — the API still accepts and runs immediate work
+without them, and a load balancer that pulled every replica because a worker died would
+turn a slow queue into an outage.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from opsexec.store import migrate
+from opsexec.observability.heartbeat import stale_after_s
+from opsexec.store import Connection, migrate
+from opsexec.store import workers as worker_store
 from opsexec.store.database import schema_revision
 
 router = APIRouter(tags=["health"])
+
+REDIS_TIMEOUT_S = 1.0
+DATABASE_TIMEOUT_S = 2.0
 
 
 @router.get("/healthz", summary="The process is alive")
@@ -18,24 +30,79 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Database reachable and schema at the newest migration")
+@router.get(
+    "/readyz",
+    summary="Database reachable and schema current; Redis and workers reported (not fatal)",
+)
 async def readyz(request: Request) -> JSONResponse:
+    settings = request.app.state.settings
     checks: dict[str, Any] = {}
     ready = True
     head = migrate.head_revision()
     try:
-        async with request.app.state.db.pool.acquire(timeout=2) as connection:
+        async with request.app.state.db.pool.acquire(timeout=DATABASE_TIMEOUT_S) as connection:
             revision = await schema_revision(connection)
-        checks["database"] = {"status": "ok"}
-        at_head = revision == head
-        checks["migrations"] = {
-            "status": "ok" if at_head else "pending",
-            "current": revision,
-            "head": head,
-        }
-        ready = at_head
+            checks["database"] = {"status": "ok"}
+            at_head = revision == head
+            checks["migrations"] = {
+                "status": "ok" if at_head else "pending",
+                "current": revision,
+                "head": head,
+            }
+            ready = at_head
+            if at_head:
+                checks["workers"] = await _workers(
+                    connection, stale_after_s(settings.worker_heartbeat_s)
+                )
     except Exception as exc:  # readiness reports any failure instead of raising it
         checks["database"] = {"status": "unavailable", "error": type(exc).__name__}
         ready = False
-    body = {"status": "ready" if ready else "not_ready", "checks": checks}
+    if settings.redis_url:
+        checks["redis"] = await _redis(settings.redis_url)
+    degraded = sorted(name for name, check in checks.items() if check["status"] == "degraded")
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "degraded": degraded,
+        "checks": checks,
+    }
     return JSONResponse(body, status_code=200 if ready else 503)
+
+
+async def _workers(connection: Connection, stale_after: float) -> dict[str, Any]:
+    """Live workers by heartbeat; none at all means background work is not being run."""
+    summary = await worker_store.summary(connection, fresh_within_s=stale_after)
+    return {
+        "status": "ok" if summary.running else "degraded",
+        "running": summary.running,
+        "draining": summary.draining,
+        "stale": summary.stale,
+        "newest_heartbeat_age_s": (
+            round(summary.newest_age_s, 3) if summary.newest_age_s is not None else None
+        ),
+        "stale_after_s": stale_after,
+    }
+
+
+async def _redis(url: str) -> dict[str, Any]:
+    """One PING with a short timeout and no retries: readiness must answer quickly."""
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    client = Redis.from_url(
+        url,
+        socket_connect_timeout=REDIS_TIMEOUT_S,
+        socket_timeout=REDIS_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 0),
+    )
+    try:
+        await client.ping()
+    except Exception as exc:  # any failure is "degraded": opsexec works without Redis
+        return {
+            "status": "degraded",
+            "error": type(exc).__name__,
+            "impact": "event fan-out falls back to PostgreSQL NOTIFY and polling",
+        }
+    finally:
+        await client.aclose()
+    return {"status": "ok"}

@@ -1,0 +1,136 @@
+"""Operator commands over HTTP: the runtime kill switch and worker drain (R-ROLL).
+
+``opsexec kill-switch status|on|off`` and ``opsexec workers list|drain`` ask the API, so
+they work from any machine that can reach it, every change is audited under the caller,
+and every API process and worker sees it. Kept out of ``cli.py`` like the other client
+commands; :func:`register` attaches them. Exit codes: 0 done, 1 the request failed, 2
+``workers drain --wait`` gave up before the worker stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any, NoReturn
+from urllib.parse import quote
+
+import typer
+
+from opsexec.client import ApiError, Client, resolve_api_key
+from opsexec.config import get_settings
+
+EXIT_REQUEST_FAILED = 1
+EXIT_NOT_STOPPED = 2
+
+UrlOption = Annotated[str, typer.Option("--url", envvar="OPSEXEC_URL", help="The opsexec server.")]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="OPSEXEC_API_KEY",
+        help="An operator-tenant admin's key; defaults to the key a local `serve` saved.",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def _fail(error: ApiError) -> NoReturn:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(code=EXIT_REQUEST_FAILED)
+
+
+def _call(url: str, api_key: str | None, method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        with Client(url, resolve_api_key(api_key, get_settings().data_dir)) as client:
+            return client.request(method, path, **kwargs)
+    except ApiError as error:
+        _fail(error)
+
+
+def _show_kill_switch(state: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(state))
+        return
+    if not state["engaged"]:
+        typer.echo("kill switch: off (new executions are accepted)")
+        return
+    why = f" — {state['reason']}" if state.get("reason") else ""
+    typer.echo(f"kill switch: ON via {state['source']}{why} (new executions get 503)")
+
+
+def kill_switch(
+    action: Annotated[str, typer.Argument(help="status, on or off.")] = "status",
+    reason: Annotated[str | None, typer.Option(help="Why (kept in the audit log).")] = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show, engage or release the runtime kill switch for every process."""
+    if action not in ("status", "on", "off"):
+        raise typer.BadParameter("expected status, on or off", param_hint="ACTION")
+    if action == "status":
+        state = _call(url, api_key, "GET", "/v1/admin/kill-switch")
+    else:
+        body = {"engaged": action == "on", "reason": reason}
+        state = _call(url, api_key, "PUT", "/v1/admin/kill-switch", json=body)
+    _show_kill_switch(state, as_json)
+
+
+def workers_list(
+    url: UrlOption = DEFAULT_URL, api_key: ApiKeyOption = None, as_json: JsonOption = False
+) -> None:
+    """Worker processes by heartbeat: running, draining, stale or stopped."""
+    workers = _call(url, api_key, "GET", "/v1/admin/workers")
+    if as_json:
+        typer.echo(json.dumps(workers))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("worker", "state", "jobs", "last seen", "drain requested")
+    for worker in workers:
+        table.add_row(
+            worker["worker_id"],
+            worker["state"],
+            f"{worker['running_jobs']}/{worker['concurrency']}",
+            worker["last_seen_at"],
+            worker["drain_requested_at"] or "",
+        )
+    Console().print(table)
+
+
+def workers_drain(
+    worker_id: Annotated[str, typer.Argument(help="The worker's --worker-id (host:pid).")],
+    reason: Annotated[str | None, typer.Option(help="Why (kept in the audit log).")] = None,
+    wait: Annotated[
+        bool, typer.Option(help="Wait until the worker has finished its jobs and exited.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits at most.", min=0)] = 3600,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Ask a worker to take nothing new, finish its current jobs, and exit."""
+    path = f"/v1/admin/workers/{quote(worker_id, safe='')}"
+    worker = _call(url, api_key, "POST", f"{path}/drain", json={"reason": reason})
+    deadline = time.monotonic() + timeout
+    while wait and worker["state"] != "stopped":
+        if time.monotonic() >= deadline:
+            typer.echo(f"error: {worker_id} is still {worker['state']}", err=True)
+            raise typer.Exit(code=EXIT_NOT_STOPPED)
+        time.sleep(1.0)
+        worker = _call(url, api_key, "GET", path)
+    if as_json:
+        typer.echo(json.dumps(worker))
+    else:
+        typer.echo(f"{worker_id}: {worker['state']} ({worker['running_jobs']} jobs in hand)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("kill-switch")(kill_switch)
+    workers_app = typer.Typer(no_args_is_help=True, help="Worker processes: list and drain.")
+    workers_app.command("list")(workers_list)
+    workers_app.command("drain")(workers_drain)
+    app.add_typer(workers_app, name="workers")
