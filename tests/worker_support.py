@@ -48,27 +48,7 @@ class Fleet:
     async def start(
         self, name: str, *, concurrency: int = 1, env: dict[str, str] | None = None
     ) -> asyncio.subprocess.Process:
-        environment = {
-            **os.environ,
-            "OPSEXEC_DATABASE_URL": self.dsn,
-            "OPSEXEC_DATA_DIR": str(self.root / "worker-data"),
-            **WORKER_ENV,
-            **(env or {}),
-        }
-        with (self.root / f"{name}.log").open("ab") as log:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "opsexec",
-                "worker",
-                "--concurrency",
-                str(concurrency),
-                "--worker-id",
-                name,
-                env=environment,
-                stdout=log,
-                stderr=log,
-            )
+        process = await start_worker(self.dsn, self.root, name, concurrency=concurrency, env=env)
         self.processes[name] = process
         return process
 
@@ -78,15 +58,55 @@ class Fleet:
 
     async def kill_all(self) -> None:
         for process in self.processes.values():
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGCONT)  # a stopped process cannot die
-                    process.kill()
-                await process.wait()
+            await stop(process)
+
+
+async def start_worker(
+    dsn: str,
+    root: Path,
+    name: str,
+    *,
+    concurrency: int = 1,
+    env: dict[str, str] | None = None,
+) -> asyncio.subprocess.Process:
+    """``opsexec worker --worker-id name`` on ``dsn``, logging to ``<root>/<name>.log``."""
+    environment = {
+        **os.environ,
+        "OPSEXEC_DATABASE_URL": dsn,
+        "OPSEXEC_DATA_DIR": str(root / "worker-data"),
+        **WORKER_ENV,
+        **(env or {}),
+    }
+    with (root / f"{name}.log").open("ab") as log:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "opsexec",
+            "worker",
+            "--concurrency",
+            str(concurrency),
+            "--worker-id",
+            name,
+            env=environment,
+            stdout=log,
+            stderr=log,
+        )
+
+
+async def stop(process: asyncio.subprocess.Process) -> None:
+    """Kill a worker (even a SIGSTOPped one) and reap it."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGCONT)  # a stopped process cannot die
+            process.kill()
+        await process.wait()
 
 
 async def wait_for(
-    probe: Callable[[], Awaitable[T]], what: str, timeout: float = 60.0, interval: float = 0.05
+    probe: Callable[[], Awaitable[T]],
+    what: str = "the condition",
+    timeout: float = 60.0,
+    interval: float = 0.05,
 ) -> T:
     """Poll ``probe`` until it returns something truthy; fail naming ``what`` at the deadline."""
     deadline = time.monotonic() + timeout
@@ -108,6 +128,15 @@ async def execution_row(pool: asyncpg.Pool, execution_id: str) -> asyncpg.Record
 async def finished(pool: asyncpg.Pool, execution_id: str) -> asyncpg.Record | None:
     row = await execution_row(pool, execution_id)
     return row if row["status"] in TERMINAL else None
+
+
+async def step_status(pool: asyncpg.Pool, execution_id: str, number: int) -> str:
+    status: str = await pool.fetchval(
+        "SELECT status FROM execution_steps WHERE execution_id = $1 AND step_number = $2",
+        uuid.UUID(execution_id),
+        number,
+    )
+    return status
 
 
 async def queue_row(pool: asyncpg.Pool, execution_id: str) -> asyncpg.Record:

@@ -128,7 +128,7 @@ def worker(
     import signal
 
     from opsexec.engine.services import open_services
-    from opsexec.queue.worker import Worker, WorkerOptions, default_worker_id
+    from opsexec.queue.worker import Worker, WorkerOptions
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
@@ -136,13 +136,8 @@ def worker(
     async def run() -> None:
         services = await open_services(settings)
         try:
-            options = WorkerOptions(
-                concurrency=concurrency,
-                worker_id=worker_id or default_worker_id(),
-                shutdown_grace_s=settings.shutdown_grace_s,
-                reaper_interval_s=settings.reaper_interval_s,
-                backoff_unit_s=settings.queue_backoff_unit_s,
-                heartbeat_interval_s=settings.worker_heartbeat_s,
+            options = WorkerOptions.from_settings(
+                settings, concurrency=concurrency, worker_id=worker_id
             )
             if metrics_port is not None:
                 from prometheus_client import start_http_server

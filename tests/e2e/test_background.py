@@ -10,6 +10,8 @@ cap, forced cancel), ``test_queue_scale.py`` (1,000 jobs over 4 workers), ``test
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import signal
 import threading
 import uuid
@@ -552,3 +554,63 @@ async def test_background_and_immediate_work_outlive_redis(
         await both_kinds_of_work("environment")
     for worker in fleet.processes.values():
         assert worker.returncode is None, "the worker outlived Redis"
+
+
+async def _signals_via_redis(fleet: Fleet, name: str) -> bool:
+    return any(
+        line.get("message") == "worker signals" and line.get("via") == "redis"
+        for line in _json_lines(fleet.log(name))
+    )
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    lines = []
+    for raw in text.splitlines():
+        with contextlib.suppress(ValueError):
+            lines.append(json.loads(raw))
+    return lines
+
+
+async def test_force_cancel_reaches_a_worker_through_redis_within_a_second(
+    database_dsn: str,
+    tenant: TenantFixture,
+    pool: asyncpg.Pool,
+    fleet: Fleet,
+    redis: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """The API's event bus relays the cancel to Redis; the worker holds no LISTEN."""
+    key = tenant.admin_key
+    async with (
+        live_api(database_dsn, tmp_path / "api", worker_concurrency=0, redis_url=redis.url) as api,
+        httpx.AsyncClient(base_url=api.url, timeout=30) as http,
+    ):
+        await add_local_assets(http, key, ["local-redis"], "development")
+        await fleet.start("redis-ear", env={"OPSEXEC_REDIS_URL": redis.url})
+        await wait_for(lambda: _signals_via_redis(fleet, "redis-ear"), "signals via Redis")
+        marker = f"31.{uuid.uuid4().int % 10**6:06d}"
+        execution = await submit(
+            http,
+            key,
+            {"steps": [shell("sleep", f"sleep {marker}", "local-redis")]},
+            mode="background",
+        )
+        if execution["status"] == "awaiting_approval":
+            await approve(http, key, execution["id"])
+
+        async def step_running() -> bool:
+            return [s["status"] for s in await steps_of(pool, execution["id"])] == ["running"]
+
+        await wait_for(step_running, "the step to start")
+        started = asyncio.get_running_loop().time()
+        cancelled = await http.post(
+            f"/v1/executions/{execution['id']}/cancel",
+            json={"force": True, "reason": "abort"},
+            headers=bearer(key),
+        )
+        assert cancelled.status_code == 200, cancelled.text
+        row = await wait_for(lambda: finished(pool, execution["id"]), "the cancel")
+        elapsed = asyncio.get_running_loop().time() - started
+    assert row["status"] == "cancelled", fleet.log("redis-ear")
+    assert elapsed < 1.5, f"the forced cancel took {elapsed:.2f} s"
+    assert await _signals_via_redis(fleet, "redis-ear"), "the worker stayed on Redis"

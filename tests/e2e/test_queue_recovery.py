@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,30 +16,9 @@ from opsexec.policy import MAX_LEASE_RENEWALS, SlaClass
 from opsexec.store import queue as queue_store
 from opsexec.store import transaction
 from tests.conftest import TenantFixture, bearer
+from tests.worker_support import finished, start_worker, step_status, stop, wait_for
 
 pytestmark = pytest.mark.postgres
-
-
-async def start_worker(dsn: str, tmp_path: Path, name: str) -> asyncio.subprocess.Process:
-    env = {
-        **os.environ,
-        "OPSEXEC_DATABASE_URL": dsn,
-        "OPSEXEC_DATA_DIR": str(tmp_path / "data"),
-        "OPSEXEC_REAPER_INTERVAL_S": "0.3",
-        "OPSEXEC_QUEUE_BACKOFF_UNIT_S": "0.05",
-        "OPSEXEC_SHUTDOWN_GRACE_S": "20",
-    }
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "opsexec",
-        "worker",
-        "--worker-id",
-        name,
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
 
 
 async def submit_background(
@@ -77,36 +54,6 @@ async def submit_background(
     return str(execution["id"])
 
 
-async def wait_until(probe: Any, timeout: float = 60.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
-        await asyncio.sleep(0.1)
-
-
-async def step_status(pool: asyncpg.Pool, execution_id: str, number: int) -> str:
-    status: str = await pool.fetchval(
-        "SELECT status FROM execution_steps WHERE execution_id = $1 AND step_number = $2",
-        uuid.UUID(execution_id),
-        number,
-    )
-    return status
-
-
-async def finished(pool: asyncpg.Pool, execution_id: str) -> asyncpg.Record | None:
-    row = await pool.fetchrow("SELECT * FROM executions WHERE id = $1", uuid.UUID(execution_id))
-    return row if row["status"] in ("succeeded", "failed", "cancelled") else None
-
-
-async def stop(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        process.kill()
-        await process.wait()
-
-
 async def test_kill_9_mid_step_resumes_and_never_repeats_a_side_effect(
     http: httpx.AsyncClient,
     stocked: TenantFixture,
@@ -122,11 +69,11 @@ async def test_kill_9_mid_step_resumes_and_never_repeats_a_side_effect(
     first = await start_worker(database_dsn, tmp_path, "doomed")
     second = None
     try:
-        await wait_until(lambda: _is(step_status(pool, execution_id, 2), "running"))
+        await wait_for(lambda: _is(step_status(pool, execution_id, 2), "running"))
         first.kill()  # SIGKILL: no goodbye, no lease hand-back
         await first.wait()
         second = await start_worker(database_dsn, tmp_path, "rescuer")
-        row = await wait_until(lambda: finished(pool, execution_id))
+        row = await wait_for(lambda: finished(pool, execution_id))
     finally:
         await stop(first)
         if second is not None:
@@ -173,7 +120,7 @@ async def test_sigterm_finishes_the_step_and_hands_the_job_back(
     first = await start_worker(database_dsn, tmp_path, "leaving")
     second = None
     try:
-        await wait_until(lambda: _is(step_status(pool, execution_id, 1), "running"))
+        await wait_for(lambda: _is(step_status(pool, execution_id, 1), "running"))
         first.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(first.wait(), 30) == 0
         job = await pool.fetchrow(
@@ -183,7 +130,7 @@ async def test_sigterm_finishes_the_step_and_hands_the_job_back(
         assert (job["status"], job["attempt"], job["leased_by"]) == ("queued", 0, None)
         assert await step_status(pool, execution_id, 1) == "succeeded"
         second = await start_worker(database_dsn, tmp_path, "taking-over")
-        row = await wait_until(lambda: finished(pool, execution_id), timeout=20)
+        row = await wait_for(lambda: finished(pool, execution_id), timeout=20)
     finally:
         await stop(first)
         if second is not None:
@@ -244,10 +191,10 @@ async def test_a_frozen_worker_cannot_write_after_losing_its_lease(
     frozen = await start_worker(database_dsn, tmp_path, "frozen")
     rescuer = None
     try:
-        await wait_until(lambda: _is(step_status(pool, execution_id, 1), "running"))
+        await wait_for(lambda: _is(step_status(pool, execution_id, 1), "running"))
         frozen.send_signal(signal.SIGSTOP)  # no heartbeats: the lease runs out
         rescuer = await start_worker(database_dsn, tmp_path, "rescuer")
-        row = await wait_until(lambda: finished(pool, execution_id))
+        row = await wait_for(lambda: finished(pool, execution_id))
         events_before = await pool.fetchval(
             "SELECT count(*) FROM execution_events WHERE execution_id = $1",
             uuid.UUID(execution_id),
@@ -304,7 +251,7 @@ async def test_lease_renewals_stop_at_the_sla_cap(
     )
     worker = await start_worker(database_dsn, tmp_path, "renewing")
     try:
-        row = await wait_until(lambda: finished(pool, execution_id))
+        row = await wait_for(lambda: finished(pool, execution_id))
     finally:
         await stop(worker)
     assert row["status"] == "succeeded"
@@ -323,7 +270,7 @@ async def test_force_cancel_reaches_a_worker_process(
     execution_id = await submit_background(http, stocked, pool, [f"sleep {marker}", "true"])
     worker = await start_worker(database_dsn, tmp_path, "cancellable")
     try:
-        await wait_until(lambda: _is(step_status(pool, execution_id, 1), "running"))
+        await wait_for(lambda: _is(step_status(pool, execution_id, 1), "running"))
         started = asyncio.get_running_loop().time()
         cancelled = await http.post(
             f"/v1/executions/{execution_id}/cancel",
@@ -331,7 +278,7 @@ async def test_force_cancel_reaches_a_worker_process(
             headers=bearer(stocked.admin_key),
         )
         assert cancelled.status_code == 200, cancelled.text
-        row = await wait_until(lambda: finished(pool, execution_id), timeout=15)
+        row = await wait_for(lambda: finished(pool, execution_id), timeout=15)
         elapsed = asyncio.get_running_loop().time() - started
     finally:
         await stop(worker)

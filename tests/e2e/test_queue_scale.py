@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import TenantFixture, bearer
-from tests.e2e.test_queue_recovery import start_worker, stop
+from tests.worker_support import start_worker, stop
 
 pytestmark = pytest.mark.postgres
 JOBS = 1000
@@ -78,7 +78,7 @@ async def test_thousand_jobs_over_four_workers_run_exactly_once(
         return str(response.json()["id"])
 
     ids = await asyncio.gather(*(submit(n) for n in range(JOBS)))
-    workers = [await start_worker(database_dsn, tmp_path, f"w{i}") for i in range(4)]
+    workers = [await start_worker(database_dsn, tmp_path, f"w{i}", concurrency=4) for i in range(4)]
     try:
         deadline = asyncio.get_running_loop().time() + 240
         while True:

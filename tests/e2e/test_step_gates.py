@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import TenantFixture, bearer, make_user
-from tests.e2e.test_queue_recovery import finished, start_worker, stop, wait_until
+from tests.worker_support import finished, start_worker, stop, wait_for
 
 pytestmark = pytest.mark.postgres
 
@@ -64,7 +64,7 @@ async def test_gated_step_parks_the_execution_and_its_approval_resumes_it(
             )
             return bool(row["status"] == "awaiting_approval")
 
-        await wait_until(parked, timeout=30)
+        await wait_for(parked, timeout=30)
         assert trail.read_text().split() == ["precheck"]
         gate = await pool.fetchrow(
             "SELECT step_number, state FROM approvals WHERE execution_id = $1"
@@ -100,7 +100,7 @@ async def test_gated_step_parks_the_execution_and_its_approval_resumes_it(
             )
         ).json()
         await http.post(f"/v1/executions/{other['id']}/approve", headers=bearer(stocked.admin_key))
-        await wait_until(lambda: finished(pool, other["id"]), timeout=30)
+        await wait_for(lambda: finished(pool, other["id"]), timeout=30)
 
         released = await http.post(
             f"/v1/executions/{execution_id}/approve",
@@ -108,7 +108,7 @@ async def test_gated_step_parks_the_execution_and_its_approval_resumes_it(
             headers=bearer(senior),
         )
         assert released.status_code == 200, released.text
-        row = await wait_until(lambda: finished(pool, execution_id), timeout=30)
+        row = await wait_for(lambda: finished(pool, execution_id), timeout=30)
     finally:
         await stop(worker)
         await asyncio.sleep(0)

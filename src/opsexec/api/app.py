@@ -78,13 +78,7 @@ def create_app(
                 services.db.pool,
                 services.db.dsn,
                 services.engine,
-                WorkerOptions(
-                    concurrency=worker_concurrency,
-                    shutdown_grace_s=settings.shutdown_grace_s,
-                    reaper_interval_s=settings.reaper_interval_s,
-                    backoff_unit_s=settings.queue_backoff_unit_s,
-                    heartbeat_interval_s=settings.worker_heartbeat_s,
-                ),
+                WorkerOptions.from_settings(settings, concurrency=worker_concurrency),
             )
             worker_task = asyncio.create_task(worker.run())
         app.state.worker = worker

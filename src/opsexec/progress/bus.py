@@ -16,7 +16,9 @@ rows. Announcements reach this process three ways:
   and does not LISTEN, so adding API replicas adds Redis subscribers, not PostgreSQL
   listeners. A process that loses Redis, or hears no relay heartbeat for a few seconds,
   LISTENs itself until both are back, and re-reads every watched execution when it
-  switches so nothing announced in between is missed.
+  switches so nothing announced in between is missed. The relay also republishes the
+  workers' signals (new jobs, forced cancels, drain requests) on their own Redis channel,
+  so workers need no PostgreSQL listener either (``queue/signals.py``).
 * **Polling** (safety net, always). Every ``poll_interval_s`` one query finds the newest
   seq of every execution watched here. A lost announcement therefore delays an event by
   at most one poll interval; it never loses one.
@@ -41,14 +43,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
-from urllib.parse import urlsplit
 from uuid import UUID
 
 import asyncpg
 
+from opsexec.queue.signals import REDIS_SIGNALS_CHANNEL, encode_signals
+from opsexec.redis_client import fail_fast_redis, redis_endpoint
 from opsexec.store import connect
+from opsexec.store.channels import EVENTS_CHANNEL, WORKER_SIGNAL_CHANNELS
 from opsexec.store.event_reads import events_after, last_seq, last_seqs
-from opsexec.store.events import EVENTS_CHANNEL
 
 logger = logging.getLogger("opsexec.progress")
 
@@ -100,12 +103,6 @@ def parse_announcements(text: str) -> list[tuple[UUID, int]]:
         except ValueError:
             continue
     return found
-
-
-def _redis_endpoint(url: str) -> str:
-    """The Redis server and database of a URL, without credentials (names the relay lock)."""
-    parts = urlsplit(url)
-    return f"{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"
 
 
 class _Feed:
@@ -241,6 +238,8 @@ class EventBus:
         self._redis_ok = False
         self._relay_heard = 0.0
         self._outbox: list[str] = []
+        self._signal_outbox: list[tuple[str, str]] = []
+        self._signal_heartbeat_due = False
         self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
@@ -321,6 +320,12 @@ class EventBus:
         if self._relay:
             self._to_relay(text)
 
+    def _on_worker_signal(self, _connection: Any, _pid: int, channel: str, payload: object) -> None:
+        self._signal_outbox.append((channel, str(payload)))
+        if len(self._signal_outbox) > OUTBOX_LIMIT:
+            del self._signal_outbox[: len(self._signal_outbox) - OUTBOX_LIMIT]
+        self._outbox_ready.set()
+
     def _to_relay(self, line: str) -> None:
         self._outbox.append(line)
         if len(self._outbox) > OUTBOX_LIMIT:
@@ -393,6 +398,7 @@ class EventBus:
             await self._set_listening(self._wants_listen())
         if self._relay:
             self._to_relay(RELAY_HEARTBEAT)
+            self._signal_heartbeat_due = True
         if time.monotonic() - self._last_poll >= self.poll_interval_s:
             self._last_poll = time.monotonic()
             if connected:
@@ -410,11 +416,15 @@ class EventBus:
             return
         won = await self._listener_query(
             "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
-            "opsexec:events-relay:" + _redis_endpoint(self.redis_url),
+            "opsexec:events-relay:" + redis_endpoint(self.redis_url),
         )
         if won:
+            async with self._listener_lock:
+                assert self._listener is not None
+                for channel in WORKER_SIGNAL_CHANNELS:
+                    await self._listener.add_listener(channel, self._on_worker_signal)
             self._relay = True
-            logger.info("this process relays event announcements to Redis")
+            logger.info("this process relays event announcements and worker signals to Redis")
 
     async def _poll(self) -> None:
         """The safety net: find watched executions whose newest event this process missed."""
@@ -432,19 +442,8 @@ class EventBus:
     # --- Redis ------------------------------------------------------------------------------
 
     def _redis_client(self) -> Any:
-        from redis.asyncio import Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
         assert self.redis_url is not None
-        # No client-side retries: a failure must surface at once so the bus falls back.
-        return Redis.from_url(
-            self.redis_url,
-            socket_connect_timeout=2,
-            socket_timeout=5,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=True,
-        )
+        return fail_fast_redis(self.redis_url)
 
     async def _subscribe(self) -> None:
         """Hear announcements from Redis; on any failure fall back and retry with backoff."""
@@ -500,10 +499,15 @@ class EventBus:
                 await self._outbox_ready.wait()
                 self._outbox_ready.clear()
                 batch, self._outbox = self._outbox, []
-                if not batch or not self._relay:
+                signals, self._signal_outbox = self._signal_outbox, []
+                heartbeat, self._signal_heartbeat_due = self._signal_heartbeat_due, False
+                if not self._relay:
                     continue
                 try:
-                    await client.publish(REDIS_CHANNEL, "\n".join(batch))
+                    if batch:
+                        await client.publish(REDIS_CHANNEL, "\n".join(batch))
+                    if signals or heartbeat:
+                        await client.publish(REDIS_SIGNALS_CHANNEL, encode_signals(signals))
                 except (RedisError, OSError, TimeoutError):
                     # Followers stop hearing heartbeats and LISTEN themselves; nothing waits.
                     continue

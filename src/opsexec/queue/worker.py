@@ -1,10 +1,11 @@
 """Background workers (R-QUEUE): lease jobs, run them, heartbeat, hand back, give up.
 
-A worker holds ``concurrency`` jobs at most. It wakes on ``NOTIFY opsexec_queue`` (a new
-or released job) and polls as a safety net, leases with ``FOR UPDATE SKIP LOCKED``, and
-runs each job through the same ``ExecutionEngine`` the API uses, with every write fenced
-by the job's lease token. On SIGTERM it takes nothing new, lets running steps finish
-within the grace period, and hands unfinished jobs straight back (no attempt charged).
+A worker holds ``concurrency`` jobs at most. It wakes when a job becomes runnable (a
+signal through LISTEN/NOTIFY or Redis: ``queue/signals.py``) and polls as a safety net,
+leases with ``FOR UPDATE SKIP LOCKED``, and runs each job through the same
+``ExecutionEngine`` the API uses, with every write fenced by the job's lease token. On
+SIGTERM it takes nothing new, lets running steps finish within the grace period, and
+hands unfinished jobs straight back (no attempt charged).
 """
 
 from __future__ import annotations
@@ -21,22 +22,22 @@ from uuid import UUID
 
 import asyncpg
 
+from opsexec.config import Settings
 from opsexec.engine.runner import HANDED_BACK, ExecutionEngine, Fence
 from opsexec.errors import LeaseLostError, ResourceBusyError
 from opsexec.fsm import ExecutionStatus
 from opsexec.observability.heartbeat import WorkerHeartbeat
 from opsexec.observability.logging import bind_log_context
 from opsexec.queue.reaper import Reaper, dead_letter_job
+from opsexec.queue.signals import WorkerSignals
 from opsexec.safety.masking import mask_text
-from opsexec.store import Connection, connect, events, transaction
+from opsexec.store import Connection, events, transaction
 from opsexec.store import queue as store
-from opsexec.store.workers import DRAIN_CHANNEL
+from opsexec.store.channels import CANCEL_CHANNEL, DRAIN_CHANNEL, QUEUE_CHANNEL, notify
 
 logger = logging.getLogger("opsexec.worker")
 S = ExecutionStatus
 
-QUEUE_CHANNEL = "opsexec_queue"
-CANCEL_CHANNEL = "opsexec_cancel"
 BUSY_BACKOFF_CAP_S = 30.0
 INTERRUPT_GRACE_S = 10.0
 """After the shutdown grace, interrupted runs get this long to hand their jobs back."""
@@ -57,6 +58,23 @@ class WorkerOptions:
     worker_id: str = field(default_factory=default_worker_id)
     heartbeat_interval_s: float = 10.0
     """How often the worker's ``worker_heartbeats`` row is refreshed (readiness, drain)."""
+    redis_url: str | None = None
+    """Hear signals through the event-bus relay on Redis instead of a LISTEN connection."""
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, concurrency: int, worker_id: str | None = None
+    ) -> WorkerOptions:
+        """The options every worker (``opsexec worker``, ``serve``'s own) takes from config."""
+        return cls(
+            concurrency=concurrency,
+            worker_id=worker_id or default_worker_id(),
+            shutdown_grace_s=settings.shutdown_grace_s,
+            reaper_interval_s=settings.reaper_interval_s,
+            backoff_unit_s=settings.queue_backoff_unit_s,
+            heartbeat_interval_s=settings.worker_heartbeat_s,
+            redis_url=settings.redis_url,
+        )
 
 
 class Worker:
@@ -71,7 +89,16 @@ class Worker:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._jobs: dict[asyncio.Task[None], UUID] = {}
-        self._listener: asyncpg.Connection | None = None
+        self.signals = WorkerSignals(
+            dsn,
+            {
+                QUEUE_CHANNEL: self._on_queue,
+                CANCEL_CHANNEL: self._on_cancel,
+                DRAIN_CHANNEL: self._on_drain,
+            },
+            redis_url=options.redis_url,
+            on_gap=self._wake.set,
+        )
         self.reaper = Reaper(pool, backoff_unit_s=options.backoff_unit_s)
         self._finish_jobs = False
         self.presence = WorkerHeartbeat(
@@ -109,7 +136,7 @@ class Worker:
 
     async def run(self) -> None:
         """Work until ``stop()``; then wait for (or hand back) the jobs in flight."""
-        await self._listen()
+        await self.signals.start()
         reaper = asyncio.create_task(self._reap_periodically())
         presence = asyncio.create_task(self.presence.run())
         try:
@@ -130,7 +157,7 @@ class Worker:
             presence.cancel()
             await asyncio.gather(reaper, presence, return_exceptions=True)
             await self.presence.stopped()
-            await self._unlisten()
+            await self.signals.stop()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         execution_id = self._jobs.pop(task, None)
@@ -171,28 +198,17 @@ class Worker:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _listen(self) -> None:
-        self._listener = await connect(self.dsn)
-        await self._listener.add_listener(QUEUE_CHANNEL, self._on_queue)
-        await self._listener.add_listener(CANCEL_CHANNEL, self._on_cancel)
-        await self._listener.add_listener(DRAIN_CHANNEL, self._on_drain)
-
-    async def _unlisten(self) -> None:
-        if self._listener is not None:
-            await self._listener.close()
-            self._listener = None
-
-    def _on_queue(self, *_: Any) -> None:
+    def _on_queue(self, _execution_id: str) -> None:
         self._wake.set()
 
-    def _on_cancel(self, _connection: Any, _pid: int, _channel: str, payload: object) -> None:
+    def _on_cancel(self, execution_id: str) -> None:
         try:
-            self.engine.interrupt(UUID(str(payload)))
+            self.engine.interrupt(UUID(execution_id))
         except ValueError:
             logger.warning("ignored a malformed cancel signal")
 
-    def _on_drain(self, _connection: Any, _pid: int, _channel: str, payload: object) -> None:
-        if str(payload) == self.id:
+    def _on_drain(self, worker_id: str) -> None:
+        if worker_id == self.id:
             self.drain()
 
     async def _reap_periodically(self) -> None:
@@ -303,9 +319,7 @@ class Worker:
                 metadata=metadata,
             )
             if available_in_s == 0.0:
-                await connection.execute(
-                    "SELECT pg_notify($1, $2::text)", QUEUE_CHANNEL, str(job["execution_id"])
-                )
+                await notify(connection, QUEUE_CHANNEL, str(job["execution_id"]))
 
     async def _defer_busy(self, job: asyncpg.Record, busy: ResourceBusyError) -> None:
         """A target is locked: wait with backoff, uncharged, within the lock-wait budget."""

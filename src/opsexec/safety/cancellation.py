@@ -18,6 +18,7 @@ from opsexec.fsm import TERMINAL, ExecutionStatus
 from opsexec.observability import metrics
 from opsexec.store import Connection, events, executions, queue, transaction
 from opsexec.store import steps as step_store
+from opsexec.store.channels import CANCEL_CHANNEL, notify
 
 S = ExecutionStatus
 
@@ -55,9 +56,7 @@ async def request_cancel(
             cancelled = await _cancel(connection, actor, execution, reason)
         if force and cancelled["status"] == S.RUNNING:
             # Whichever worker process runs it hears this at commit and kills the step.
-            await connection.execute(
-                "SELECT pg_notify('opsexec_cancel', $1::text)", str(execution_id)
-            )
+            await notify(connection, CANCEL_CHANNEL, str(execution_id))
     if cancelled is not execution and cancelled["status"] == S.CANCELLED:
         metrics.execution_finished(cancelled)  # stopped before it ran; the engine ends the rest
     if force and cancelled["status"] == S.RUNNING and interrupt is not None:

@@ -8,9 +8,7 @@ from uuid import UUID
 
 from opsexec.safety.masking import mask_value
 from opsexec.store import Connection
-
-EVENTS_CHANNEL = "opsexec_events"
-"""The NOTIFY channel announcing committed events as ``<execution_id>:<seq>``."""
+from opsexec.store.channels import EVENTS_CHANNEL
 
 # The advisory lock serialises event writers of one execution until they commit, so `seq`
 # (allocated at insert) is also commit order within an execution: a stream that read up

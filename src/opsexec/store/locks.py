@@ -32,6 +32,7 @@ from uuid import UUID
 import asyncpg
 
 from opsexec.store import Connection
+from opsexec.store.channels import EVENTS_CHANNEL
 
 __all__ = [
     "ACQUIRE_LOCKS",
@@ -65,7 +66,7 @@ __all__ = [
 # advisory lock (so seq is commit order within the execution), taken only after every
 # lock row is in (the aggregate over `taken` forces that), like every other lock
 # statement. $7 is the event payload, already masked by the caller.
-FAST_ACQUIRE_LOCKS = """
+FAST_ACQUIRE_LOCKS = f"""
 WITH taken AS (
     INSERT INTO execution_locks (lock_key, execution_id, owner_tag, acquired_at, expires_at)
     SELECT wanted.lock_key, e.id, $3::varchar, clock_timestamp(),
@@ -92,7 +93,7 @@ event AS (
     RETURNING seq
 )
 SELECT summary.taken, summary.expires_at, (SELECT seq FROM event) AS event_seq,
-       (SELECT pg_notify('opsexec_events', $1::uuid::text || ':' || seq) FROM event)
+       (SELECT pg_notify('{EVENTS_CHANNEL}', $1::uuid::text || ':' || seq) FROM event)
 FROM summary
 """
 
@@ -168,7 +169,7 @@ SELECT EXISTS (SELECT 1 FROM executions WHERE id = $1::uuid AND tenant_id = $2::
 # when something was released, with APPEND_EVENT's advisory lock, after the rows). The
 # keys in the payload come from the table; they are shape-safe by construction (see
 # opsexec.safety.mutex.lock_key). $4 is the rest of the payload, masked by the caller.
-RELEASE_OWNED_LOCKS = """
+RELEASE_OWNED_LOCKS = f"""
 WITH owned AS (
     SELECT l.id
     FROM execution_locks AS l
@@ -184,7 +185,7 @@ released AS (
     RETURNING l.lock_key
 ),
 summary AS (
-    SELECT coalesce(array_agg(lock_key ORDER BY lock_key COLLATE "C"), '{}') AS keys
+    SELECT coalesce(array_agg(lock_key ORDER BY lock_key COLLATE "C"), '{{}}') AS keys
     FROM released
 ),
 ordered AS (
@@ -200,7 +201,7 @@ event AS (
     RETURNING seq
 )
 SELECT summary.keys, (SELECT seq FROM event) AS event_seq,
-       (SELECT pg_notify('opsexec_events', $1::uuid::text || ':' || seq) FROM event)
+       (SELECT pg_notify('{EVENTS_CHANNEL}', $1::uuid::text || ':' || seq) FROM event)
 FROM summary
 """
 

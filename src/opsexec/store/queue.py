@@ -13,6 +13,7 @@ from uuid import UUID
 import asyncpg
 
 from opsexec.store import Connection
+from opsexec.store.channels import QUEUE_CHANNEL, notify
 
 DEFAULT_LEASE_MS = 60_000
 """The lease of a job whose metadata names none (rows written by hand, old rows)."""
@@ -143,7 +144,7 @@ async def release(connection: Connection, execution_id: UUID) -> None:
            WHERE execution_id = $1 AND status = 'queued'""",
         execution_id,
     )
-    await connection.execute("SELECT pg_notify('opsexec_queue', $1::text)", str(execution_id))
+    await notify(connection, QUEUE_CHANNEL, str(execution_id))
 
 
 async def close_unrun(connection: Connection, execution_id: UUID, reason: str) -> None:
@@ -207,7 +208,7 @@ async def park(connection: Connection, queue_id: UUID, token: UUID, execution_id
         reason="awaiting step approval" if waiting else None,
     )
     if returned and not waiting:
-        await connection.execute("SELECT pg_notify('opsexec_queue', $1::text)", str(execution_id))
+        await notify(connection, QUEUE_CHANNEL, str(execution_id))
     return returned
 
 
@@ -296,7 +297,5 @@ async def requeue_dead_letter(
         entry["original_queue_id"],
     )
     await connection.execute("UPDATE execution_dlq SET requeued_at = now() WHERE id = $1", dlq_id)
-    await connection.execute(
-        "SELECT pg_notify('opsexec_queue', $1::text)", str(entry["execution_id"])
-    )
+    await notify(connection, QUEUE_CHANNEL, str(entry["execution_id"]))
     return entry

@@ -15,8 +15,8 @@ from uuid import UUID
 import asyncpg
 
 from opsexec.store import Connection
+from opsexec.store.channels import DRAIN_CHANNEL, notify
 
-DRAIN_CHANNEL = "opsexec_worker_drain"
 FORGET_AFTER_DAYS = 7
 """Rows of workers unseen for this long are deleted when any worker starts."""
 
@@ -107,7 +107,7 @@ async def request_drain(
     """Flag a live worker for draining and announce it; None if no such live worker."""
     row = await connection.fetchrow(REQUEST_DRAIN, worker_id, requested_by)
     if row is not None:
-        await connection.execute("SELECT pg_notify($1, $2::text)", DRAIN_CHANNEL, worker_id)
+        await notify(connection, DRAIN_CHANNEL, worker_id)
     return row
 
 

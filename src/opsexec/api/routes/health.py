@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from opsexec.observability.heartbeat import stale_after_s
+from opsexec.redis_client import fail_fast_redis
 from opsexec.store import Connection, migrate
 from opsexec.store import workers as worker_store
 from opsexec.store.database import schema_revision
@@ -85,23 +86,14 @@ async def _workers(connection: Connection, stale_after: float) -> dict[str, Any]
 
 async def _redis(url: str) -> dict[str, Any]:
     """One PING with a short timeout and no retries: readiness must answer quickly."""
-    from redis.asyncio import Redis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    client = Redis.from_url(
-        url,
-        socket_connect_timeout=REDIS_TIMEOUT_S,
-        socket_timeout=REDIS_TIMEOUT_S,
-        retry=Retry(NoBackoff(), 0),
-    )
+    client = fail_fast_redis(url, timeout_s=REDIS_TIMEOUT_S, connect_timeout_s=REDIS_TIMEOUT_S)
     try:
         await client.ping()
     except Exception as exc:  # any failure is "degraded": opsexec works without Redis
         return {
             "status": "degraded",
             "error": type(exc).__name__,
-            "impact": "event fan-out falls back to PostgreSQL NOTIFY and polling",
+            "impact": "event fan-out and worker signals fall back to LISTEN/NOTIFY and polling",
         }
     finally:
         await client.aclose()
