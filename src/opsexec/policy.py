@@ -204,6 +204,8 @@ MAX_LEASE_RENEWALS: Mapping[SlaClass, int] = MappingProxyType(
     {SlaClass.FAST: 1, SlaClass.MEDIUM: 3, SlaClass.LONG: 10}
 )
 LEASE_BUFFER_MS = 5_000
+HEARTBEATS_PER_LEASE = 3
+"""Workers renew a lease each time a third of it has passed: one missed beat never loses it."""
 
 
 def step_timeout_ms(policy: TimeoutPolicy, step: PlanStep) -> int:
@@ -219,19 +221,36 @@ def step_timeout_ms(policy: TimeoutPolicy, step: PlanStep) -> int:
 
 
 def lease_timeout_ms(
-    policy: TimeoutPolicy, p95_step_ms: int | None = None, buffer_ms: int = LEASE_BUFFER_MS
+    policy: TimeoutPolicy,
+    p95_step_ms: int | None = None,
+    buffer_ms: int = LEASE_BUFFER_MS,
+    *,
+    execution_timeout_ms: int | None = None,
+    max_renewals: int | None = None,
 ) -> int:
-    """SPEC: lease = max(step timeout + buffer, 2 x p95 step duration).
+    """SPEC: lease = max(step timeout + buffer, 2 x p95 step duration), stretched so that
+    a healthy run can keep its lease until its own execution timeout ends it.
 
     ``step timeout + buffer`` guarantees a worker keeps its lease through one step that
     runs to its timeout, even if a heartbeat is missed; ``2 x p95`` covers actions whose
     observed durations drift above the policy. The policy row's own ``lease_timeout_ms``
-    is the seeded static value (kept for the table and forensics), not a floor: the
-    formula is what SPEC defines, and it already exceeds the step timeout.
+    is the seeded static value (kept for the table and forensics), not a floor.
+
+    The stretch: renewals are capped per SLA, so a lease lasts at most ``lease x (1 +
+    max_renewals / HEARTBEATS_PER_LEASE)``. With the SPEC formula alone that is 282 s for
+    ``long_read`` against a 600 s execution timeout: the reaper would take a job from a
+    worker that is running it fine, and the next worker would find its step interrupted.
+    Given ``execution_timeout_ms`` and ``max_renewals``, the lease grows until the cap
+    covers the execution timeout plus the buffer. The cost is slower detection of a dead
+    worker for long executions, which are long anyway.
     """
     lease = policy.step_timeout_ms + buffer_ms
     if p95_step_ms is not None and p95_step_ms > 0:
         lease = max(lease, 2 * p95_step_ms)
+    if execution_timeout_ms is not None and max_renewals is not None:
+        beats = HEARTBEATS_PER_LEASE + max_renewals
+        covering = -(-(execution_timeout_ms + buffer_ms) * HEARTBEATS_PER_LEASE // beats)
+        lease = max(lease, covering)
     return lease
 
 

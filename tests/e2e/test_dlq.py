@@ -10,7 +10,9 @@ import httpx
 import pytest
 
 from opsexec.queue.reaper import Reaper
+from opsexec.store import executions as executions_store
 from opsexec.store import queue as queue_store
+from opsexec.store import steps as steps_store
 from opsexec.store import transaction
 from tests.conftest import ApiServer, TenantFixture, bearer, make_user
 from tests.e2e.test_cli import opsexec_async
@@ -126,5 +128,60 @@ async def test_job_dead_lettered_after_max_attempts_and_requeued(
         uuid.UUID(execution_id),
     )
     assert (job["status"], job["attempt"], job["runnable"]) == ("queued", 0, True)
+    again = await http.post(f"/v1/dlq/{entry['id']}/requeue", headers=headers)
+    problem(again, 404, "not_found")
+
+
+async def _dlq_entry(pool: asyncpg.Pool, execution_id: str) -> asyncpg.Record:
+    row = await pool.fetchrow(
+        "SELECT * FROM execution_dlq WHERE execution_id = $1", uuid.UUID(execution_id)
+    )
+    assert row is not None
+    return row
+
+
+async def _open_dlq_gauge(http: httpx.AsyncClient) -> float:
+    text = (await http.get("/metrics")).text
+    (line,) = [line for line in text.splitlines() if line.startswith("opsexec_dlq_entries ")]
+    return float(line.split()[1])
+
+
+@pytest.mark.parametrize("died", ["before_running", "mid_step"])
+async def test_cancelling_a_dead_lettered_execution_ends_it_and_closes_its_entry(
+    http: httpx.AsyncClient, stocked: TenantFixture, pool: asyncpg.Pool, died: str
+) -> None:
+    """Nothing will run a dead letter, so its cancel cannot wait for a worker to see it."""
+    execution_id = await _dead_lettered_execution(http, stocked, pool)
+    if died == "mid_step":
+        # What a worker that died inside step 1 leaves behind (the engine's own writes).
+        async with transaction(pool) as connection:
+            await executions_store.transition(
+                connection,
+                uuid.UUID(execution_id),
+                stocked.id,
+                expected="approved",
+                to="running",
+                actor_id=None,
+            )
+            (step,) = await steps_store.steps_of(connection, uuid.UUID(execution_id))
+            await steps_store.start_step(connection, step["id"], 1)
+    open_before = await _open_dlq_gauge(http)
+    headers = bearer(stocked.admin_key)
+    cancelled = await http.post(
+        f"/v1/executions/{execution_id}/cancel", json={"reason": "give up"}, headers=headers
+    )
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["status"] == "cancelled"
+    entry = await _dlq_entry(pool, execution_id)
+    assert entry["closed_reason"] == "cancelled"
+    assert entry["closed_at"] is not None
+    assert await _open_dlq_gauge(http) == open_before - 1
+    steps = (await http.get(f"/v1/executions/{execution_id}/steps", headers=headers)).json()
+    assert [s["status"] for s in steps] == ["cancelled"]
+    if died == "mid_step":
+        assert steps[0]["error_class"] == "IndeterminateStepOutcome"
+    listed = [e for e in (await http.get("/v1/dlq", headers=headers)).json()]
+    (shown,) = [e for e in listed if e["execution_id"] == execution_id]
+    assert shown["closed_reason"] == "cancelled"
     again = await http.post(f"/v1/dlq/{entry['id']}/requeue", headers=headers)
     problem(again, 404, "not_found")

@@ -15,6 +15,8 @@ from opsexec.errors import PlanValidationError
 from opsexec.plan import Plan, load_plan, parse_plan
 from opsexec.policy import (
     DEFAULT_MAX_CONCURRENCY,
+    HEARTBEATS_PER_LEASE,
+    LEASE_BUFFER_MS,
     MAX_ATTEMPTS,
     MAX_LEASE_RENEWALS,
     TIMEOUT_POLICIES,
@@ -206,6 +208,30 @@ def test_lease_timeout() -> None:
     assert lease_timeout_ms(policy, p95_step_ms=10_000) == 25_000
     assert lease_timeout_ms(policy, p95_step_ms=20_000) == 40_000
     assert lease_timeout_ms(policy, buffer_ms=1_000) == 21_000
+
+
+def _longest_hold_ms(lease_ms: int, renewals: int) -> float:
+    """How long a worker can hold a lease: the lease, then one extension per capped renewal
+    (each renewal moves the expiry to a full lease from a beat that came a third in)."""
+    return lease_ms + renewals * lease_ms / HEARTBEATS_PER_LEASE
+
+
+@pytest.mark.parametrize("policy_id", sorted(TIMEOUT_POLICIES))
+@pytest.mark.parametrize("stretch", [1.0, 6.25])
+def test_a_healthy_run_keeps_its_lease_until_its_execution_timeout(
+    policy_id: str, stretch: float
+) -> None:
+    """Also when a big plan's estimate stretches the execution timeout (a 50-host deploy)."""
+    policy = TIMEOUT_POLICIES[policy_id]
+    renewals = MAX_LEASE_RENEWALS[policy.sla_class]
+    execution_ms = int(policy.execution_timeout_ms * stretch)
+    lease = lease_timeout_ms(policy, execution_timeout_ms=execution_ms, max_renewals=renewals)
+    assert lease >= lease_timeout_ms(policy), "the SPEC formula stays the floor"
+    assert _longest_hold_ms(lease, renewals) >= execution_ms + LEASE_BUFFER_MS
+    # And no longer than it must be: dead workers are still noticed as early as possible.
+    assert _longest_hold_ms(lease - 1, renewals) < execution_ms + LEASE_BUFFER_MS or (
+        lease == lease_timeout_ms(policy)
+    )
 
 
 # --- SLA and duration ----------------------------------------------------------------------

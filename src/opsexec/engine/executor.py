@@ -568,7 +568,11 @@ async def _enqueue_background(
         priority=c.priority,
         max_attempts=c.max_attempts,
         runnable=runnable,
-        lease_ms=lease_timeout_ms(c.timeout_policy),
+        lease_ms=lease_timeout_ms(
+            c.timeout_policy,
+            execution_timeout_ms=execution_timeout_ms(c),
+            max_renewals=c.max_lease_renewals,
+        ),
         max_lease_renewals=c.max_lease_renewals,
     )
     if runnable:

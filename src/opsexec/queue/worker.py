@@ -28,6 +28,7 @@ from opsexec.errors import LeaseLostError, ResourceBusyError
 from opsexec.fsm import ExecutionStatus
 from opsexec.observability.heartbeat import WorkerHeartbeat
 from opsexec.observability.logging import bind_log_context
+from opsexec.policy import HEARTBEATS_PER_LEASE
 from opsexec.queue.reaper import Reaper, dead_letter_job
 from opsexec.queue.signals import WorkerSignals
 from opsexec.safety.masking import mask_text
@@ -371,12 +372,12 @@ class Worker:
                 await dead_letter_job(connection, row, mask_text(error))
 
     async def _heartbeat(self, job: asyncpg.Record, lost: asyncio.Event) -> None:
-        """Renew the lease at a third of its length, up to the SLA's renewal cap."""
+        """Renew the lease every ``1 / HEARTBEATS_PER_LEASE`` of it, up to the SLA's cap."""
         lease_s = float(job["metadata"].get("lease_ms", 60_000)) / 1000
         cap = int(job["metadata"].get("max_lease_renewals", 3))
         renewals = 0
         while renewals < cap:
-            await asyncio.sleep(lease_s / 3)
+            await asyncio.sleep(lease_s / HEARTBEATS_PER_LEASE)
             try:
                 async with transaction(self.pool) as connection:
                     held = await store.heartbeat(connection, job["id"], job["lease_token"])

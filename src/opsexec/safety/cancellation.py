@@ -16,6 +16,7 @@ from opsexec.engine.actor import Actor
 from opsexec.errors import ConflictError, NotFoundError
 from opsexec.fsm import TERMINAL, ExecutionStatus
 from opsexec.observability import metrics
+from opsexec.safety.mutex import release_execution_locks
 from opsexec.store import Connection, events, executions, queue, transaction
 from opsexec.store import steps as step_store
 from opsexec.store.channels import CANCEL_CHANNEL, notify
@@ -57,11 +58,56 @@ async def request_cancel(
         if force and cancelled["status"] == S.RUNNING:
             # Whichever worker process runs it hears this at commit and kills the step.
             await notify(connection, CANCEL_CHANNEL, str(execution_id))
+    if cancelled["status"] == S.RUNNING and cancelled["execution_mode"] == "background":
+        cancelled = await _end_if_dead_lettered(pool, actor, cancelled)
     if cancelled is not execution and cancelled["status"] == S.CANCELLED:
-        metrics.execution_finished(cancelled)  # stopped before it ran; the engine ends the rest
+        metrics.execution_finished(cancelled)  # not running anywhere; the engine ends the rest
     if force and cancelled["status"] == S.RUNNING and interrupt is not None:
         interrupt(execution_id)
     return cancelled
+
+
+async def _end_if_dead_lettered(
+    pool: asyncpg.Pool, actor: Actor, execution: asyncpg.Record
+) -> asyncpg.Record:
+    """A dead-lettered execution has no worker to notice its cancel: end it here.
+
+    Its job is locked first, so a concurrent requeue or lease waits and then finds the
+    execution cancelled. A step its last worker left ``running`` may or may not have had
+    its effect; it is closed as cancelled with ``IndeterminateStepOutcome`` saying so.
+    Locks are released after the commit, as the engine does (``release_execution_locks``
+    must not run after this execution's events in one transaction).
+    """
+    execution_id = execution["id"]
+    async with transaction(pool) as connection:
+        if await queue.lock_dead_lettered_job(connection, execution_id) is None:
+            return execution
+        row = await executions.transition(
+            connection,
+            execution_id,
+            actor.tenant_id,
+            expected=S.RUNNING,
+            to=S.CANCELLED,
+            actor_id=actor.user_id,
+            reason=execution["cancellation_reason"],
+        )
+        await step_store.abandon_running(
+            connection,
+            execution_id,
+            S.CANCELLED,
+            "IndeterminateStepOutcome",
+            "the worker running this step was lost; whether it took effect is unknown",
+        )
+        await step_store.skip_unstarted(connection, execution_id, S.CANCELLED)
+        closed = await queue.close_dead_letters(connection, execution_id, "cancelled")
+        await events.append_event(
+            connection,
+            execution_id,
+            "execution_cancelled",
+            {"by": actor.principal, "dead_letters_closed": closed},
+        )
+    await release_execution_locks(pool, tenant_id=actor.tenant_id, execution_id=execution_id)
+    return row
 
 
 async def _cancel(
@@ -104,6 +150,7 @@ async def _cancel(
     )
     await step_store.skip_unstarted(connection, execution_id, S.CANCELLED)
     await queue.close_unrun(connection, execution_id, "cancelled")
+    await queue.close_dead_letters(connection, execution_id, "cancelled")
     await events.append_event(
         connection, execution_id, "execution_cancelled", {"by": actor.principal}
     )

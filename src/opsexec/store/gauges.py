@@ -24,7 +24,8 @@ SELECT
     (SELECT coalesce(extract(epoch FROM now() - min(greatest(queued_at, available_at))), 0)
      FROM execution_queue
      WHERE status = 'queued' AND available_at <= now()) AS oldest_ready_age_s,
-    (SELECT count(*) FROM execution_dlq WHERE requeued_at IS NULL) AS dlq_entries,
+    (SELECT count(*) FROM execution_dlq
+     WHERE requeued_at IS NULL AND closed_at IS NULL) AS dlq_entries,
     (SELECT count(*) FROM worker_heartbeats
      WHERE stopped_at IS NULL AND drain_requested_at IS NULL
        AND last_seen_at > now() - make_interval(secs => $1)) AS workers_running,

@@ -263,17 +263,50 @@ async def lease_is_held(connection: Connection, execution_id: UUID, token: UUID)
     return held is not None
 
 
+DLQ_COLUMNS = """d.id, d.execution_id, d.original_queue_id, d.failed_at, d.attempt_count,
+    d.last_error, d.requeued_at, d.closed_at, d.closed_reason, d.execution_context"""
+
+
 async def list_dlq(connection: Connection, tenant_id: UUID, limit: int = 100) -> list[Any]:
     return await connection.fetch(
-        """SELECT d.id, d.execution_id, d.original_queue_id, d.failed_at, d.attempt_count,
-                  d.last_error, d.requeued_at, d.execution_context
-           FROM execution_dlq d JOIN executions e ON e.id = d.execution_id
-           WHERE e.tenant_id = $1
-           ORDER BY d.failed_at DESC
-           LIMIT $2""",
+        f"""SELECT {DLQ_COLUMNS}
+            FROM execution_dlq d JOIN executions e ON e.id = d.execution_id
+            WHERE e.tenant_id = $1
+            ORDER BY d.failed_at DESC
+            LIMIT $2""",
         tenant_id,
         limit,
     )
+
+
+async def get_dead_letter(connection: Connection, dlq_id: UUID) -> asyncpg.Record | None:
+    return await connection.fetchrow(
+        f"SELECT {DLQ_COLUMNS} FROM execution_dlq d WHERE d.id = $1", dlq_id
+    )
+
+
+async def lock_dead_lettered_job(
+    connection: Connection, execution_id: UUID
+) -> asyncpg.Record | None:
+    """The execution's job if it sits in the DLQ, locked so no requeue or lease races us."""
+    return await connection.fetchrow(
+        """SELECT * FROM execution_queue WHERE execution_id = $1 AND status = 'failed'
+           AND EXISTS (SELECT 1 FROM execution_dlq d WHERE d.execution_id = $1
+                       AND d.requeued_at IS NULL AND d.closed_at IS NULL)
+           FOR UPDATE""",
+        execution_id,
+    )
+
+
+async def close_dead_letters(connection: Connection, execution_id: UUID, reason: str) -> int:
+    """Close the execution's open DLQ entries: nothing will run them any more."""
+    result: str = await connection.execute(
+        """UPDATE execution_dlq SET closed_at = now(), closed_reason = $2
+           WHERE execution_id = $1 AND requeued_at IS NULL AND closed_at IS NULL""",
+        execution_id,
+        reason,
+    )
+    return int(result.split()[-1])
 
 
 async def requeue_dead_letter(
@@ -283,6 +316,7 @@ async def requeue_dead_letter(
     entry = await connection.fetchrow(
         """SELECT d.* FROM execution_dlq d JOIN executions e ON e.id = d.execution_id
            WHERE d.id = $1 AND e.tenant_id = $2 AND d.requeued_at IS NULL
+             AND d.closed_at IS NULL
            FOR UPDATE OF d""",
         dlq_id,
         tenant_id,

@@ -85,6 +85,23 @@ async def skip_unstarted(connection: Connection, execution_id: UUID, status: str
     return int(result.split()[-1])
 
 
+async def abandon_running(
+    connection: Connection, execution_id: UUID, status: str, error_class: str, message: str
+) -> int:
+    """Close steps left ``running`` by a worker that is gone, saying their outcome is unknown."""
+    result: str = await connection.execute(
+        """UPDATE execution_steps
+           SET status = $2::execution_status, error_class = $3, error_message = $4,
+               ended_at = greatest(now(), started_at)
+           WHERE execution_id = $1 AND status = 'running'""",
+        execution_id,
+        status,
+        error_class,
+        message,
+    )
+    return int(result.split()[-1])
+
+
 async def artifact_for_step(
     connection: Connection, tenant_id: UUID, execution_id: UUID, step_number: int
 ) -> asyncpg.Record | None:

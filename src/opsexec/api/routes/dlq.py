@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from opsexec.api.auth import Principal, require
 from opsexec.errors import NotFoundError
@@ -27,6 +27,10 @@ class DeadLetter(BaseModel):
     attempt_count: int
     last_error: str | None
     requeued_at: datetime | None
+    closed_at: datetime | None
+    closed_reason: str | None = Field(
+        description="Why the entry was closed without a requeue: its execution was cancelled."
+    )
     execution_context: dict[str, Any]
 
 
@@ -46,18 +50,13 @@ async def requeue(dlq_id: UUID, request: Request, principal: Admin) -> DeadLette
     async with transaction(request.app.state.db.pool) as connection:
         entry = await store.requeue_dead_letter(connection, principal.tenant_id, dlq_id)
         if entry is None:
-            raise NotFoundError(f"no dead letter {dlq_id} waiting to be requeued")
+            raise NotFoundError(f"no open dead letter {dlq_id} waiting to be requeued")
         await events.append_event(
             connection,
             entry["execution_id"],
             "requeued",
             {"dlq_id": str(dlq_id), "by": principal.principal},
         )
-        row = await connection.fetchrow(
-            """SELECT id, execution_id, original_queue_id, failed_at, attempt_count,
-                      last_error, requeued_at, execution_context
-               FROM execution_dlq WHERE id = $1""",
-            dlq_id,
-        )
+        row = await store.get_dead_letter(connection, dlq_id)
     assert row is not None
     return DeadLetter.model_validate(dict(row))
