@@ -325,3 +325,30 @@ async def test_operator_cli_flips_the_kill_switch_and_lists_workers(
     code, out, err = await cli("workers", "drain", "no-such-worker")
     assert code == 1
     assert "not found" in err
+
+
+async def test_a_forced_cancel_sent_to_another_api_process_stops_an_immediate_run(
+    database_dsn: str, stocked: TenantFixture, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """Two API replicas without workers: the run is on one, the cancel lands on the other."""
+    key = stocked.admin_key
+    marker = tmp_path / "never"
+    async with (
+        live_api(database_dsn, tmp_path / "a", worker_concurrency=0) as runner,
+        live_api(database_dsn, tmp_path / "b", worker_concurrency=0) as other,
+        httpx.AsyncClient(base_url=runner.url, timeout=30) as on_runner,
+        httpx.AsyncClient(base_url=other.url, timeout=30) as on_other,
+    ):
+        execution_id, run = await start_running(on_runner, pool, key, slow_plan(30, marker))
+        started = asyncio.get_running_loop().time()
+        cancelled = await on_other.post(
+            f"/v1/executions/{execution_id}/cancel",
+            json={"force": True, "reason": "wrong host"},
+            headers=bearer(key),
+        )
+        assert cancelled.status_code == 200, cancelled.text
+        finished_run = await asyncio.wait_for(run, timeout=10)
+        elapsed = asyncio.get_running_loop().time() - started
+    assert finished_run.json()["status"] == "cancelled", finished_run.text
+    assert elapsed < 2, f"the step was waited for ({elapsed:.1f} s), not killed"
+    assert not marker.exists()

@@ -31,7 +31,9 @@ from opsexec.observability.logging import install_masking_on_all_handlers
 from opsexec.observability.metrics import DatabaseGauges, new_registry
 from opsexec.progress.bus import EventBus
 from opsexec.progress.tickets import StreamTickets
+from opsexec.queue.signals import WorkerSignals
 from opsexec.queue.worker import Worker, WorkerOptions
+from opsexec.store.channels import CANCEL_CHANNEL
 
 
 def create_app(
@@ -81,6 +83,16 @@ def create_app(
                 WorkerOptions.from_settings(settings, concurrency=worker_concurrency),
             )
             worker_task = asyncio.create_task(worker.run())
+            cancel_signals = None
+        else:
+            # Immediate runs happen in this process; a forced cancel may arrive at another
+            # API process and must reach them (an in-process worker already listens).
+            cancel_signals = WorkerSignals(
+                services.db.dsn,
+                {CANCEL_CHANNEL: services.engine.on_cancel_signal},
+                redis_url=settings.redis_url,
+            )
+            await cancel_signals.start()
         app.state.worker = worker
         try:
             yield
@@ -88,6 +100,8 @@ def create_app(
             if worker is not None:
                 worker.stop()
                 await worker_task
+            if cancel_signals is not None:
+                await cancel_signals.stop()
             await bus.stop()
             await services.close()
 

@@ -147,6 +147,15 @@ class ExecutionEngine:
         task.cancel()
         return True
 
+    def on_cancel_signal(self, payload: str) -> None:
+        """A forced cancel announced to every process (``CANCEL_CHANNEL``): ours if it runs here."""
+        try:
+            execution_id = UUID(payload)
+        except ValueError:
+            logger.warning("ignored a malformed cancel signal")
+            return
+        self.interrupt(execution_id)
+
     async def run(
         self,
         execution_id: UUID,

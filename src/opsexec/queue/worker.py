@@ -94,7 +94,7 @@ class Worker:
             dsn,
             {
                 QUEUE_CHANNEL: self._on_queue,
-                CANCEL_CHANNEL: self._on_cancel,
+                CANCEL_CHANNEL: engine.on_cancel_signal,
                 DRAIN_CHANNEL: self._on_drain,
             },
             redis_url=options.redis_url,
@@ -201,12 +201,6 @@ class Worker:
 
     def _on_queue(self, _execution_id: str) -> None:
         self._wake.set()
-
-    def _on_cancel(self, execution_id: str) -> None:
-        try:
-            self.engine.interrupt(UUID(execution_id))
-        except ValueError:
-            logger.warning("ignored a malformed cancel signal")
 
     def _on_drain(self, worker_id: str) -> None:
         if worker_id == self.id:
