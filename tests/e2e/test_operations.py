@@ -352,3 +352,74 @@ async def test_a_forced_cancel_sent_to_another_api_process_stops_an_immediate_ru
     assert finished_run.json()["status"] == "cancelled", finished_run.text
     assert elapsed < 2, f"the step was waited for ({elapsed:.1f} s), not killed"
     assert not marker.exists()
+
+
+async def test_while_switched_off_nothing_new_starts_and_nothing_is_lost(
+    operator_api: ApiServer,
+    stocked: TenantFixture,
+    pool: asyncpg.Pool,
+    database_dsn: str,
+    tmp_path: Path,
+) -> None:
+    """Queued background work waits (not leased, not failed) and an approval that would
+    start a run is refused; both go ahead once the switch is released."""
+    key = stocked.admin_key
+    headers = bearer(key)
+    fleet = Fleet(database_dsn, tmp_path)
+    queued_marker, waiting_marker = tmp_path / "queued", tmp_path / "waiting"
+    try:
+        async with httpx.AsyncClient(base_url=operator_api.url, timeout=30) as http:
+            queued = await _submit_background(http, key, background_sleep(0.1, queued_marker))
+            waiting = await http.post(
+                "/v1/executions", json={"plan": slow_plan(0.1, waiting_marker)}, headers=headers
+            )
+            assert waiting.json()["status"] == "awaiting_approval"
+            engaged = await http.put(
+                "/v1/admin/kill-switch", json={"engaged": True}, headers=headers
+            )
+            assert engaged.status_code == 200, engaged.text
+            await fleet.start("switched-off")
+            refused = await http.post(
+                f"/v1/executions/{waiting.json()['id']}/approve", headers=headers
+            )
+            assert problem(refused, 503, "service_disabled")["reason"] == "kill_switch"
+            await asyncio.sleep(2.5)  # a worker polls every second: it had its chances
+            job = await queue_row(pool, queued)
+            assert (job["status"], job["attempt"], job["lease_count"]) == ("queued", 0, 0)
+            assert (await execution_row(pool, waiting.json()["id"]))["status"] == (
+                "awaiting_approval"
+            )
+
+            await http.put("/v1/admin/kill-switch", json={"engaged": False}, headers=headers)
+            done = await wait_for(lambda: finished(pool, queued), "the held job to run")
+            assert done["status"] == "succeeded", fleet.log("switched-off")
+            approved = await http.post(
+                f"/v1/executions/{waiting.json()['id']}/approve", headers=headers
+            )
+            assert approved.json()["status"] == "succeeded", approved.text
+        assert queued_marker.exists()
+        assert waiting_marker.exists()
+    finally:
+        await fleet.kill_all()
+
+
+async def test_a_switched_off_tenant_cannot_approve_work_into_running(
+    http: httpx.AsyncClient, stocked: TenantFixture
+) -> None:
+    headers = bearer(stocked.admin_key)
+    waiting = await http.post(
+        "/v1/executions", json={"plan": slow_plan(0.1, Path("/dev/null"))}, headers=headers
+    )
+    settings_url = f"/v1/tenants/{stocked.id}/settings"
+    await http.patch(settings_url, json={"enabled": False}, headers=headers)
+    url = f"/v1/executions/{waiting.json()['id']}/approve"
+    assert (
+        problem(await http.post(url, headers=headers), 503, "service_disabled")["reason"]
+        == "tenant_disabled"
+    )
+    rejected = await http.post(
+        f"/v1/executions/{waiting.json()['id']}/reject",
+        json={"reason": "not now"},
+        headers=headers,
+    )
+    assert rejected.json()["status"] == "rejected", "stopping work stays possible"

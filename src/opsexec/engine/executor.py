@@ -246,7 +246,8 @@ class Executor:
                     extra={"permission": permission},
                 )
 
-    async def _check_enabled(self, actor: Actor) -> None:
+    async def ensure_enabled(self, actor: Actor) -> None:
+        """Refuse (503) what would start new work while the service or tenant is off."""
         kill_switch = await self.controls.kill_switch()
         if kill_switch.engaged:
             raise ServiceDisabledError(
@@ -263,7 +264,7 @@ class Executor:
 
     async def submit(self, actor: Actor, submission: Submission) -> Submitted:
         """Create an execution, or return the live one this submission duplicates."""
-        await self._check_enabled(actor)
+        await self.ensure_enabled(actor)
         plan, size = self.load(actor, submission.plan)
         key = submission.idempotency_key or derive_idempotency_key(
             canonical_json(plan), actor.tenant_id, actor.user_id
@@ -443,7 +444,7 @@ class Executor:
         self, actor: Actor, execution_id: UUID, document: Any, *, runbook_url: str | None
     ) -> asyncpg.Record:
         """Replace the plan of an execution still waiting; its approvals are voided."""
-        await self._check_enabled(actor)
+        await self.ensure_enabled(actor)
         async with transaction(self.pool) as connection:
             current = await self.get(connection, actor, execution_id, for_update=True)
             if current["status"] not in _AMENDABLE:

@@ -61,6 +61,8 @@ class WorkerOptions:
     """How often the worker's ``worker_heartbeats`` row is refreshed (readiness, drain)."""
     redis_url: str | None = None
     """Hear signals through the event-bus relay on Redis instead of a LISTEN connection."""
+    kill_switch: bool = False
+    """``OPSEXEC_KILL_SWITCH``: start no new job (running executions still finish)."""
 
     @classmethod
     def from_settings(
@@ -75,6 +77,7 @@ class WorkerOptions:
             backoff_unit_s=settings.queue_backoff_unit_s,
             heartbeat_interval_s=settings.worker_heartbeat_s,
             redis_url=settings.redis_url,
+            kill_switch=settings.kill_switch,
         )
 
 
@@ -217,7 +220,9 @@ class Worker:
     async def _lease(self, limit: int) -> list[asyncpg.Record]:
         try:
             async with transaction(self.pool) as connection:
-                return await store.dequeue(connection, self.id, limit)
+                return await store.dequeue(
+                    connection, self.id, limit, kill_switch=self.options.kill_switch
+                )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             logger.exception("could not lease jobs", extra={"worker_id": self.id})
             return []

@@ -27,13 +27,27 @@ RETURNING id
 """
 
 # One round trip: pick by priority then age, skip rows other workers hold, lease them.
+# While the kill switch is on ($4: the environment's; the runtime one is read here) or a
+# tenant is switched off, nothing new starts: only jobs whose execution already runs (handed
+# back at a shutdown, re-leased after a crash) are leased, so in-flight work finishes.
 DEQUEUE = """
-WITH next AS (
-    SELECT id FROM execution_queue
-    WHERE status = 'queued' AND available_at <= now()
-    ORDER BY priority, queued_at
+WITH switched_off AS (
+    SELECT $4::boolean OR coalesce(
+        (SELECT (value->>'engaged')::boolean FROM service_flags WHERE name = 'kill_switch'),
+        false) AS service
+),
+next AS (
+    SELECT q.id
+    FROM execution_queue q
+    JOIN executions e ON e.id = q.execution_id
+    JOIN tenants t ON t.id = e.tenant_id
+    WHERE q.status = 'queued' AND q.available_at <= now()
+      AND (e.status = 'running' OR (
+          NOT (SELECT service FROM switched_off)
+          AND coalesce((t.settings->>'enabled')::boolean, true)))
+    ORDER BY q.priority, q.queued_at
     LIMIT $2
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF q SKIP LOCKED
 )
 UPDATE execution_queue q
 SET status = 'leased',
@@ -158,9 +172,15 @@ async def close_unrun(connection: Connection, execution_id: UUID, reason: str) -
     )
 
 
-async def dequeue(connection: Connection, worker_id: str, limit: int) -> list[asyncpg.Record]:
-    """Lease up to ``limit`` runnable jobs, most urgent first, then oldest first."""
-    return await connection.fetch(DEQUEUE, worker_id, limit, DEFAULT_LEASE_MS)
+async def dequeue(
+    connection: Connection, worker_id: str, limit: int, *, kill_switch: bool = False
+) -> list[asyncpg.Record]:
+    """Lease up to ``limit`` runnable jobs, most urgent first, then oldest first.
+
+    ``kill_switch`` is the environment's (``OPSEXEC_KILL_SWITCH``); the runtime switch and
+    the tenants' ``enabled`` flags are read by the statement itself.
+    """
+    return await connection.fetch(DEQUEUE, worker_id, limit, DEFAULT_LEASE_MS, kill_switch)
 
 
 async def heartbeat(connection: Connection, queue_id: UUID, token: UUID) -> bool:

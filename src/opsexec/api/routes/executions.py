@@ -315,6 +315,8 @@ async def _decide(
 ) -> ExecutionDetail:
     # Visibility first: a foreign execution is a 404 (and recorded) before any role check.
     await load_execution(request, principal, execution_id)
+    if approve:  # an approval starts work; a rejection only ever stops it
+        await executor(request).ensure_enabled(principal)
     decision = await decide_approval(
         request.app.state.db.pool,
         principal,
