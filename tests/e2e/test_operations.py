@@ -8,6 +8,7 @@ while it runs, and checks both the refusal of new work and the end of the old.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -20,8 +21,9 @@ import asyncpg
 import httpx
 import pytest
 
+from opsexec.queue.reaper import ABANDONED_GRACE_S
 from tests.conftest import ApiServer, TenantFixture, bearer, make_user
-from tests.live_support import live_api
+from tests.live_support import live_api, start_serve, wait_ready
 from tests.support import count_plan, other_tenant_admin, problem
 from tests.worker_support import Fleet, execution_row, finished, queue_row, wait_for
 
@@ -423,3 +425,74 @@ async def test_a_switched_off_tenant_cannot_approve_work_into_running(
         headers=headers,
     )
     assert rejected.json()["status"] == "rejected", "stopping work stays possible"
+
+
+async def test_the_reaper_ends_an_immediate_execution_whose_api_process_was_killed(
+    database_dsn: str, stocked: TenantFixture, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """kill -9 of ``serve`` mid-run leaves an immediate execution ``running`` with no lease
+    to expire; once it is past its timeout, ``opsexec reap`` fails it and frees its lock."""
+    key = stocked.admin_key
+    serve = start_serve(
+        database_dsn, tmp_path / "serve", tmp_path / "serve.log", worker_concurrency=0
+    )
+    try:
+        await wait_ready(serve)
+        async with httpx.AsyncClient(base_url=serve.url, timeout=30) as http:
+            execution_id, run = await start_running(
+                http, pool, key, slow_plan(60, tmp_path / "never")
+            )
+            serve.process.kill()
+            serve.process.wait(timeout=10)
+            with contextlib.suppress(httpx.TransportError):
+                await run
+    finally:
+        serve.stop()
+    execution = uuid.UUID(execution_id)
+    assert (await execution_row(pool, execution_id))["status"] == "running"
+    assert await pool.fetchval(
+        "SELECT count(*) FROM execution_locks WHERE execution_id = $1", execution
+    )
+
+    async def reap() -> None:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "opsexec",
+            "reap",
+            env={**os.environ, "OPSEXEC_DATABASE_URL": database_dsn},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output, _ = await process.communicate()
+        assert process.returncode == 0, output.decode()
+
+    await reap()  # within its timeout: it may still be running somewhere
+    assert (await execution_row(pool, execution_id))["status"] == "running"
+    # As if its timeout and the grace period had passed since the process died.
+    await pool.execute(
+        """UPDATE executions
+           SET created_at = created_at - make_interval(secs => timeout_ms / 1000.0 + $2 + 1),
+               started_at = started_at - make_interval(secs => timeout_ms / 1000.0 + $2 + 1)
+           WHERE id = $1""",
+        execution,
+        ABANDONED_GRACE_S,
+    )
+    await reap()
+    row = await execution_row(pool, execution_id)
+    assert (row["status"], row["error_class"]) == ("failed", "ExecutionAbandoned")
+    step = await pool.fetchrow(
+        "SELECT status, error_class FROM execution_steps WHERE execution_id = $1", execution
+    )
+    assert (step["status"], step["error_class"]) == ("failed", "IndeterminateStepOutcome")
+    assert not await pool.fetchval(
+        "SELECT count(*) FROM execution_locks WHERE execution_id = $1", execution
+    )
+    kinds = [
+        r["event_kind"]
+        for r in await pool.fetch(
+            "SELECT event_kind FROM execution_events WHERE execution_id = $1 ORDER BY seq",
+            execution,
+        )
+    ]
+    assert kinds[-3:] == ["status_transition", "execution_failed", "lock_released"]

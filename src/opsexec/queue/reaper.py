@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import asyncpg
 
 from opsexec.engine.approvals import expire_due_approvals
+from opsexec.engine.unattended import end_unattended
+from opsexec.fsm import ExecutionStatus
 from opsexec.observability import metrics
-from opsexec.safety.mutex import reap_expired_locks
-from opsexec.store import Connection, events, transaction
+from opsexec.safety.mutex import reap_expired_locks, release_execution_locks
+from opsexec.store import Connection, events, executions, transaction
 from opsexec.store import queue as store
 
 logger = logging.getLogger("opsexec.reaper")
@@ -37,12 +39,19 @@ async def dead_letter_job(connection: Connection, job: asyncpg.Record, error: st
     )
 
 
+ABANDONED_GRACE_S = 60.0
+"""How long past its timeout an immediate execution may stay running before it is ended:
+the engine's own timeout handling needs seconds, not a minute."""
+ABANDONED_ERROR = "ExecutionAbandoned"
+
+
 @dataclass
 class ReapReport:
     leases: int = 0
     dead_lettered: int = 0
     locks: int = 0
     approvals: int = 0
+    abandoned: int = 0
     skipped: bool = False
 
 
@@ -68,13 +77,15 @@ class Reaper:
                 return report
             async with transaction(self.pool) as connection:
                 await self._reap_leases(connection, limit, report)
+            report.abandoned = await self._end_abandoned(limit)
             report.locks = await reap_expired_locks(self.pool)
             report.approvals = await expire_due_approvals(self.pool)
         metrics.reaper_pass(skipped=False, leases_expired=report.leases)
-        if report.leases or report.locks or report.approvals:
+        if report.leases or report.locks or report.approvals or report.abandoned:
             logger.info(
                 "reaper pass",
                 extra={
+                    "abandoned": report.abandoned,
                     "leases": report.leases,
                     "locks": report.locks,
                     "approvals": report.approvals,
@@ -82,6 +93,39 @@ class Reaper:
                 },
             )
         return report
+
+    async def _end_abandoned(self, limit: int) -> int:
+        """Fail immediate executions whose API process died mid-run (``engine/unattended``)."""
+        async with transaction(self.pool) as connection:
+            ended = [
+                await end_unattended(
+                    connection,
+                    execution,
+                    to=ExecutionStatus.FAILED,
+                    actor_id=None,
+                    event_kind="execution_failed",
+                    event_payload={"status": "failed", "error_class": ABANDONED_ERROR},
+                    reason="abandoned: its process stopped mid-run",
+                    fields={
+                        "error_class": ABANDONED_ERROR,
+                        "error_message": "the process running this immediate execution "
+                        "stopped; it was still running long past its timeout",
+                    },
+                )
+                for execution in await executions.lock_abandoned_immediate(
+                    connection, ABANDONED_GRACE_S, limit
+                )
+            ]
+        for row in ended:
+            await release_execution_locks(
+                self.pool, tenant_id=row["tenant_id"], execution_id=row["id"]
+            )
+            metrics.execution_finished(row)
+            logger.warning(
+                "abandoned execution ended",
+                extra={"exec_id": str(row["id"]), "tenant_id": str(row["tenant_id"])},
+            )
+        return len(ended)
 
     async def _reap_leases(self, connection: Connection, limit: int, report: ReapReport) -> None:
         """A job whose worker stopped heartbeating is charged an attempt and retried later."""

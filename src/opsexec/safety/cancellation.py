@@ -13,6 +13,7 @@ from uuid import UUID
 import asyncpg
 
 from opsexec.engine.actor import Actor
+from opsexec.engine.unattended import end_unattended
 from opsexec.errors import ConflictError, NotFoundError
 from opsexec.fsm import TERMINAL, ExecutionStatus
 from opsexec.observability import metrics
@@ -73,38 +74,21 @@ async def _end_if_dead_lettered(
     """A dead-lettered execution has no worker to notice its cancel: end it here.
 
     Its job is locked first, so a concurrent requeue or lease waits and then finds the
-    execution cancelled. A step its last worker left ``running`` may or may not have had
-    its effect; it is closed as cancelled with ``IndeterminateStepOutcome`` saying so.
-    Locks are released after the commit, as the engine does (``release_execution_locks``
-    must not run after this execution's events in one transaction).
+    execution cancelled.
     """
     execution_id = execution["id"]
     async with transaction(pool) as connection:
         if await queue.lock_dead_lettered_job(connection, execution_id) is None:
             return execution
-        row = await executions.transition(
+        closed = await queue.close_dead_letters(connection, execution_id, "cancelled")
+        row = await end_unattended(
             connection,
-            execution_id,
-            actor.tenant_id,
-            expected=S.RUNNING,
+            execution,
             to=S.CANCELLED,
             actor_id=actor.user_id,
             reason=execution["cancellation_reason"],
-        )
-        await step_store.abandon_running(
-            connection,
-            execution_id,
-            S.CANCELLED,
-            "IndeterminateStepOutcome",
-            "the worker running this step was lost; whether it took effect is unknown",
-        )
-        await step_store.skip_unstarted(connection, execution_id, S.CANCELLED)
-        closed = await queue.close_dead_letters(connection, execution_id, "cancelled")
-        await events.append_event(
-            connection,
-            execution_id,
-            "execution_cancelled",
-            {"by": actor.principal, "dead_letters_closed": closed},
+            event_kind="execution_cancelled",
+            event_payload={"by": actor.principal, "dead_letters_closed": closed},
         )
     await release_execution_locks(pool, tenant_id=actor.tenant_id, execution_id=execution_id)
     return row

@@ -137,6 +137,25 @@ FROM unnest($2::int[], $3::varchar[], $4::varchar[], $5::varchar[], $6::varchar[
 """
 
 
+# An immediate run is bounded by its own timeout; one still `running` well past it has
+# lost the process that ran it (immediate runs have no lease to expire).
+ABANDONED_IMMEDIATE = """
+SELECT * FROM executions
+WHERE status = 'running' AND execution_mode = 'immediate'
+  AND started_at < now() - make_interval(secs => timeout_ms / 1000.0 + $1)
+ORDER BY started_at
+LIMIT $2
+FOR UPDATE SKIP LOCKED
+"""
+
+
+async def lock_abandoned_immediate(
+    connection: Connection, grace_s: float, limit: int
+) -> list[asyncpg.Record]:
+    """Immediate executions still running ``grace_s`` past their timeout, locked."""
+    return await connection.fetch(ABANDONED_IMMEDIATE, grace_s, limit)
+
+
 async def find_active_by_key(
     connection: Connection, tenant_id: UUID, idempotency_key: str
 ) -> asyncpg.Record | None:
