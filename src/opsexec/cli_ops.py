@@ -102,7 +102,7 @@ def workers_list(
 
 
 def workers_drain(
-    worker_id: Annotated[str, typer.Argument(help="The worker's --worker-id (host:pid).")],
+    worker_id: Annotated[str, typer.Argument(help="The worker's --worker-id (default host:pid).")],
     reason: Annotated[str | None, typer.Option(help="Why (kept in the audit log).")] = None,
     wait: Annotated[
         bool, typer.Option(help="Wait until the worker has finished its jobs and exited.")

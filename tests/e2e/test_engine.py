@@ -509,6 +509,16 @@ async def test_disabled_requester_fails_at_the_engine(
     ).json()
     assert (final["status"], final["error_class"]) == ("failed", "PermissionError")
     assert "rbac_violation" in await event_kinds(pool, execution_id)
+    audited = await pool.fetchrow(
+        """SELECT severity, actor_id, payload FROM audit_log
+           WHERE tenant_id = $1 AND event_kind = 'rbac_violation'
+             AND payload->>'execution_id' = $2""",
+        stocked.id,
+        execution_id,
+    )
+    assert audited is not None, "engine-side violations reach the audit log too"
+    assert (audited["severity"], audited["actor_id"]) == ("critical", user_id)
+    assert audited["payload"]["at"] == "engine"
 
 
 # --- retries ------------------------------------------------------------------------------

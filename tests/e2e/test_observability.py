@@ -21,7 +21,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import REPO_ROOT, ApiServer, TenantFixture, bearer
+from tests.conftest import REPO_ROOT, ApiServer, TenantFixture, bearer, migrated_database
+from tests.live_support import live_api, private_redis
 from tests.services import missing_service
 from tests.support import count_plan, other_tenant_admin, shell_plan
 
@@ -113,6 +114,12 @@ async def test_metrics_count_successes_failures_timeouts_and_cancellations(
     assert cancel.status_code == 200, cancel.text
     assert (await running).json()["status"] == "cancelled"
 
+    refused = (await submit(http, key, shell_plan("true"))).json()
+    rejected = await http.post(
+        f"/v1/executions/{refused['id']}/reject", json={"reason": "no"}, headers=bearer(key)
+    )
+    assert rejected.json()["status"] == "rejected", rejected.text
+
     foreign = await other_tenant_admin(pool)
     probe = await http.get(f"/v1/executions/{succeeded.json()['id']}", headers=bearer(foreign))
     assert probe.status_code == 404
@@ -122,6 +129,7 @@ async def test_metrics_count_successes_failures_timeouts_and_cancellations(
     assert delta(before, after, finished, status="succeeded", mode="immediate") == 1
     assert delta(before, after, finished, status="failed", mode="immediate") == 2
     assert delta(before, after, finished, status="cancelled", mode="immediate") == 1
+    assert delta(before, after, finished, status="rejected") == 1
     duration = "opsexec_execution_duration_seconds_count"
     assert delta(before, after, duration, action="inventory.count", status="succeeded") == 1
     assert delta(before, after, duration, action="shell.run", status="failed") == 2
@@ -135,7 +143,7 @@ async def test_metrics_count_successes_failures_timeouts_and_cancellations(
     route = "/v1/executions/{execution_id}/approve"
     http_count = "opsexec_http_request_duration_seconds_count"
     assert delta(before, after, http_count, route=route, method="POST", status="200") == 3
-    assert delta(before, after, http_count, route="/v1/executions", status="201") == 4
+    assert delta(before, after, http_count, route="/v1/executions", status="201") == 5
     assert delta(before, after, http_count, route="/v1/executions", status="200") == 1
     assert value(after, "opsexec_database_up") == 1
     for state in ("ready", "deferred", "held"):
@@ -159,8 +167,6 @@ async def _wait_until_running(pool: asyncpg.Pool, execution_id: str) -> None:
 async def test_metrics_report_the_database_down_instead_of_failing(
     database_dsn: str, tmp_path: Path
 ) -> None:
-    from tests.live_support import live_api
-
     async with live_api(database_dsn, tmp_path, worker_concurrency=0) as api:
         await api.app.state.db.pool.close()  # as good as a database that went away
         async with httpx.AsyncClient(base_url=api.url, timeout=30) as http:
@@ -293,8 +299,6 @@ async def test_errors_carry_the_request_id_too(http: httpx.AsyncClient) -> None:
 async def test_readyz_reports_database_migrations_redis_and_workers(
     database_dsn: str, tmp_path: Path
 ) -> None:
-    from tests.live_support import live_api, private_redis
-
     with private_redis(tmp_path) as redis:
         async with (
             live_api(
@@ -413,3 +417,25 @@ def test_systemd_units_run_serve_and_worker() -> None:
         # Missing binaries and users on this machine are expected; syntax errors are not.
         assert "Unknown key" not in result.stderr, result.stderr
         assert "Invalid" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("revision", "status_code", "migrations"), [("0001", 503, "pending"), ("9999", 200, "ahead")]
+)
+async def test_readyz_fails_behind_the_code_and_tolerates_a_schema_ahead_of_it(
+    server_dsn: str, tmp_path: Path, revision: str, status_code: int, migrations: str
+) -> None:
+    """Ahead: newer code already migrated (rolling deploy); migrations only add."""
+    async with (
+        migrated_database(server_dsn, "opsexec_readyz") as dsn,
+        live_api(dsn, tmp_path, worker_concurrency=0) as api,
+    ):
+        connection = await asyncpg.connect(dsn)
+        try:
+            await connection.execute("UPDATE alembic_version SET version_num = $1", revision)
+        finally:
+            await connection.close()
+        async with httpx.AsyncClient(base_url=api.url, timeout=30) as http:
+            response = await http.get("/readyz")
+    assert response.status_code == status_code, response.text
+    assert response.json()["checks"]["migrations"]["status"] == migrations

@@ -26,6 +26,7 @@ from opsexec.errors import (
     PermissionDeniedError,
 )
 from opsexec.fsm import ExecutionStatus
+from opsexec.observability import metrics
 from opsexec.plan import snapshot_hash
 from opsexec.safety.rbac import Permission, has_permission
 from opsexec.store import Connection, events, executions, queue, transaction
@@ -346,7 +347,7 @@ async def decide_approval(
     """
     try:
         async with transaction(pool) as connection:
-            return await decide(
+            decision = await decide(
                 connection,
                 actor,
                 execution_id,
@@ -354,6 +355,9 @@ async def decide_approval(
                 reason=reason,
                 step_number=step_number,
             )
+        if decision.execution["status"] == S.REJECTED:
+            metrics.execution_finished(decision.execution)
+        return decision
     except ApprovalExpiredError:
         await expire_due_approvals(pool)
         raise
@@ -408,6 +412,7 @@ async def invalidate_tampered(
 async def expire_due_approvals(pool: asyncpg.Pool, *, limit: int = 100) -> int:
     """Expire pending approvals past their deadline; their executions end as rejected."""
     expired = 0
+    rejected: list[asyncpg.Record] = []
     async with pool.acquire() as connection, connection.transaction():
         for row in await store.due_for_expiry(connection, limit):
             await store.expire(connection, row["id"])
@@ -418,7 +423,7 @@ async def expire_due_approvals(pool: asyncpg.Pool, *, limit: int = 100) -> int:
                 {"approval_id": str(row["id"]), "step_number": row["step_number"]},
             )
             if row["status"] == S.AWAITING_APPROVAL:
-                await executions.transition(
+                final = await executions.transition(
                     connection,
                     row["execution_id"],
                     row["tenant_id"],
@@ -428,5 +433,8 @@ async def expire_due_approvals(pool: asyncpg.Pool, *, limit: int = 100) -> int:
                     reason="approval expired",
                 )
                 await queue.close_unrun(connection, row["execution_id"], "approval expired")
+                rejected.append(final)
             expired += 1
+    for final in rejected:
+        metrics.execution_finished(final)
     return expired

@@ -55,7 +55,7 @@ from opsexec.safety.masking import mask_text, mask_value
 from opsexec.safety.rbac import has_permission
 from opsexec.store import Connection, events, executions, transaction
 from opsexec.store import steps as step_store
-from opsexec.store.identity import current_roles, system_user_id
+from opsexec.store.identity import current_roles, record_audit, system_user_id
 from opsexec.store.inventory import assets_by_name
 from opsexec.tenancy import TenantSettings
 
@@ -401,6 +401,14 @@ class ExecutionEngine:
                 state.id,
                 "rbac_violation",
                 {"severity": "critical", "reason": why, "at": "engine"},
+            )
+            await record_audit(
+                connection,
+                state.tenant_id,
+                "rbac_violation",
+                {"at": "engine", "reason": why, "execution_id": str(state.id)},
+                actor_id=state.execution["actor_id"],
+                severity="critical",
             )
         metrics.rbac_violation("engine")
         logger.warning("permission revoked before run", extra={"exec_id": str(state.id)})

@@ -210,12 +210,14 @@ class Worker:
             self.drain()
 
     async def _reap_periodically(self) -> None:
+        """A pass at start (a restarted worker recovers what its predecessor left at once),
+        then one per interval; passes running elsewhere make these skip."""
         while True:
-            await asyncio.sleep(self.options.reaper_interval_s)
             try:
                 await self.reaper.reap_once()
             except Exception:  # the reaper must never take the worker down
                 logger.exception("reaper pass failed", extra={"worker_id": self.id})
+            await asyncio.sleep(self.options.reaper_interval_s)
 
     async def _lease(self, limit: int) -> list[asyncpg.Record]:
         try:

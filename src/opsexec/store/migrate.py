@@ -41,6 +41,12 @@ def head_revision() -> str:
     return head
 
 
+def known_revisions() -> frozenset[str]:
+    """Every revision this code ships; a database at any other one was migrated by newer code."""
+    scripts = ScriptDirectory.from_config(alembic_config("postgresql://unused"))
+    return frozenset(script.revision for script in scripts.walk_revisions())
+
+
 async def upgrade(dsn: str, revision: str = "head") -> None:
     """Bring the schema to ``revision``; safe to call from many processes at once."""
     # Alembic's env.py runs its own event loop, so it gets a thread of its own.

@@ -44,14 +44,15 @@ async def readyz(request: Request) -> JSONResponse:
         async with request.app.state.db.pool.acquire(timeout=DATABASE_TIMEOUT_S) as connection:
             revision = await schema_revision(connection)
             checks["database"] = {"status": "ok"}
-            at_head = revision == head
             checks["migrations"] = {
-                "status": "ok" if at_head else "pending",
+                "status": _migration_status(revision, head),
                 "current": revision,
                 "head": head,
             }
-            ready = at_head
-            if at_head:
+            # Newer code migrated the schema ahead (a rolling deploy): migrations only
+            # add, so this process still works with it. Behind, it does not.
+            ready = checks["migrations"]["status"] in ("ok", "ahead")
+            if ready:
                 checks["workers"] = await _workers(
                     connection, stale_after_s(settings.worker_heartbeat_s)
                 )
@@ -67,6 +68,12 @@ async def readyz(request: Request) -> JSONResponse:
         "checks": checks,
     }
     return JSONResponse(body, status_code=200 if ready else 503)
+
+
+def _migration_status(current: str | None, head: str) -> str:
+    if current == head:
+        return "ok"
+    return "pending" if current is None or current in migrate.known_revisions() else "ahead"
 
 
 async def _workers(connection: Connection, stale_after: float) -> dict[str, Any]:
