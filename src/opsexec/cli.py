@@ -175,7 +175,8 @@ def reap() -> None:
 
     report = asyncio.run(run())
     typer.echo(
-        f"{report.leases} leases, {report.locks} locks, {report.approvals} approvals reaped"
+        f"{report.leases} leases, {report.locks} locks, {report.approvals} approvals reaped, "
+        f"{report.abandoned} abandoned executions ended"
         f"{' (another reaper was active)' if report.skipped else ''}"
     )
 
@@ -335,7 +336,7 @@ def dlq_list(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("id", "execution", "failed at", "attempts", "last error", "requeued")
+    table = Table("id", "execution", "failed at", "attempts", "last error", "requeued", "closed")
     for entry in entries:
         table.add_row(
             entry["id"],
@@ -344,6 +345,7 @@ def dlq_list(
             str(entry["attempt_count"]),
             (entry["last_error"] or "")[:60],
             entry["requeued_at"] or "",
+            f"{entry['closed_at']} ({entry['closed_reason']})" if entry["closed_at"] else "",
         )
     Console().print(table)
 
