@@ -59,10 +59,17 @@ async def test_gated_step_parks_the_execution_and_its_approval_resumes_it(
     try:
 
         async def parked() -> bool:
+            """Awaiting its gate, and the job handed back (the worker settles it last)."""
             row = await pool.fetchrow(
-                "SELECT status FROM executions WHERE id = $1", uuid.UUID(execution_id)
+                """SELECT e.status, q.status AS job, q.leased_by
+                   FROM executions e JOIN execution_queue q ON q.execution_id = e.id
+                   WHERE e.id = $1""",
+                uuid.UUID(execution_id),
             )
-            return bool(row["status"] == "awaiting_approval")
+            return bool(
+                (row["status"], row["job"], row["leased_by"])
+                == ("awaiting_approval", "queued", None)
+            )
 
         await wait_for(parked, timeout=30)
         assert trail.read_text().split() == ["precheck"]
@@ -72,11 +79,6 @@ async def test_gated_step_parks_the_execution_and_its_approval_resumes_it(
             uuid.UUID(execution_id),
         )
         assert (gate["step_number"], gate["state"]) == (2, "pending")
-        job = await pool.fetchrow(
-            "SELECT status, leased_by FROM execution_queue WHERE execution_id = $1",
-            uuid.UUID(execution_id),
-        )
-        assert (job["status"], job["leased_by"]) == ("queued", None), "the worker is freed"
 
         # The freed worker takes other work meanwhile.
         other = (
