@@ -119,12 +119,30 @@ def worker(
         typer.Option(help="Serve this worker's Prometheus metrics on this port.", min=1),
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="Address for --metrics-port.")] = "127.0.0.1",
+    drain: Annotated[
+        bool,
+        typer.Option(
+            "--drain",
+            help="Run nothing: ask the running worker --worker-id to finish its jobs, take "
+            "no new one and exit, and wait until it has (uses the database, not the API).",
+        ),
+    ] = False,
+    drain_timeout: Annotated[
+        float, typer.Option(help="Seconds --drain waits for the worker to exit.", min=0)
+    ] = 3600,
 ) -> None:
     """Run background jobs until SIGTERM/SIGINT, then drain gracefully and exit 0.
 
-    `opsexec workers drain ID` makes it finish its current jobs, take no new one, and
-    exit 0 as well.
+    `opsexec worker --drain --worker-id ID` (on a host with database access) or
+    `opsexec workers drain ID` (through the API) makes a running worker finish its current
+    jobs, take no new one, and exit 0 as well.
     """
+    if drain:
+        if worker_id is None:
+            raise typer.BadParameter("--drain needs the --worker-id of the worker to drain")
+        from opsexec.cli_ops import drain_from_host
+
+        raise typer.Exit(code=drain_from_host(worker_id, reason=None, timeout_s=drain_timeout))
     import signal
 
     from opsexec.engine.services import open_services

@@ -1,10 +1,12 @@
-"""Operator commands over HTTP: the runtime kill switch and worker drain (R-ROLL).
+"""Operator commands: the runtime kill switch and worker drain (R-ROLL).
 
 ``opsexec kill-switch status|on|off`` and ``opsexec workers list|drain`` ask the API, so
 they work from any machine that can reach it, every change is audited under the caller,
 and every API process and worker sees it. Kept out of ``cli.py`` like the other client
-commands; :func:`register` attaches them. Exit codes: 0 done, 1 the request failed, 2
-``workers drain --wait`` gave up before the worker stopped.
+commands; :func:`register` attaches them. ``opsexec worker --drain`` is the server-side
+twin (:func:`drain_from_host`): it needs database access instead of an API key, for
+deploy scripts on the worker's own host. Exit codes: 0 done, 1 the request failed (or
+no such worker), 2 the drain was asked for but the worker did not stop in time.
 """
 
 from __future__ import annotations
@@ -126,6 +128,60 @@ def workers_drain(
         typer.echo(json.dumps(worker))
     else:
         typer.echo(f"{worker_id}: {worker['state']} ({worker['running_jobs']} jobs in hand)")
+
+
+def drain_from_host(worker_id: str, *, reason: str | None, timeout_s: float) -> int:
+    """Ask ``worker_id`` to drain through the database and wait until it has exited.
+
+    Audited under the operator tenant (``OPSEXEC_OPERATOR_TENANT``) with no actor: whoever
+    can reach the database is the operator here.
+    """
+    import asyncio
+
+    from opsexec.engine.controls import request_worker_drain
+    from opsexec.observability.heartbeat import stale_after_s
+    from opsexec.store import workers as worker_store
+    from opsexec.store.database import open_database
+    from opsexec.store.identity import tenant_id_by_name
+
+    settings = get_settings()
+    fresh_within_s = stale_after_s(settings.worker_heartbeat_s)
+
+    async def run() -> int:
+        database = await open_database(settings, run_migrations=False)
+        try:
+            async with database.pool.acquire() as connection:
+                operator = await tenant_id_by_name(connection, settings.operator_tenant)
+            drained = await request_worker_drain(
+                database.pool,
+                worker_id,
+                audit_tenant_id=operator,
+                actor_id=None,
+                reason=reason,
+                fresh_within_s=fresh_within_s,
+            )
+            if drained is None:
+                typer.echo(f"error: worker {worker_id} not found", err=True)
+                return EXIT_REQUEST_FAILED
+            worker = drained.worker
+            deadline = time.monotonic() + timeout_s
+            while worker["stopped_at"] is None:
+                if time.monotonic() >= deadline:
+                    typer.echo(f"error: {worker_id} has not stopped yet", err=True)
+                    return EXIT_NOT_STOPPED
+                await asyncio.sleep(0.5)
+                async with database.pool.acquire() as connection:
+                    latest = await worker_store.get_worker(
+                        connection, worker_id, fresh_within_s=fresh_within_s
+                    )
+                assert latest is not None, "heartbeat rows are only deleted after a week"
+                worker = latest
+            typer.echo(f"{worker_id}: stopped")
+            return 0
+        finally:
+            await database.close()
+
+    return asyncio.run(run())
 
 
 def register(app: typer.Typer) -> None:

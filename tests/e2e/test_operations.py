@@ -496,3 +496,62 @@ async def test_the_reaper_ends_an_immediate_execution_whose_api_process_was_kill
         )
     ]
     assert kinds[-3:] == ["status_transition", "execution_failed", "lock_released"]
+
+
+async def test_worker_drain_from_the_host_waits_for_the_job_and_the_exit(
+    database_dsn: str,
+    stocked: TenantFixture,
+    pool: asyncpg.Pool,
+    http: httpx.AsyncClient,
+    tmp_path: Path,
+) -> None:
+    """``opsexec worker --drain --worker-id ID``: no API key, the database is enough."""
+    key = stocked.admin_key
+    fleet = Fleet(database_dsn, tmp_path)
+    marker = tmp_path / "finished"
+    try:
+        worker = await fleet.start("host-drained", env={"OPSEXEC_WORKER_HEARTBEAT_S": "0.2"})
+        execution_id = await _submit_background(http, key, background_sleep(1.0, marker))
+
+        async def running() -> bool:
+            return bool((await queue_row(pool, execution_id))["leased_by"] == "host-drained")
+
+        await wait_for(running, "the worker to take the job")
+        drainer = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "opsexec",
+            "worker",
+            "--drain",
+            "--worker-id",
+            "host-drained",
+            "--drain-timeout",
+            "60",
+            env={**os.environ, "OPSEXEC_DATABASE_URL": database_dsn},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(drainer.communicate(), timeout=90)
+        assert drainer.returncode == 0, err.decode()
+        assert "host-drained: stopped" in out.decode()
+        assert worker.returncode == 0 or await worker.wait() == 0
+        assert (await execution_row(pool, execution_id))["status"] == "succeeded"
+        assert marker.exists(), "the job in hand was finished, not handed back"
+
+        unknown = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "opsexec",
+            "worker",
+            "--drain",
+            "--worker-id",
+            "no-such-worker",
+            env={**os.environ, "OPSEXEC_DATABASE_URL": database_dsn},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await unknown.communicate()
+        assert unknown.returncode == 1
+        assert "not found" in err.decode()
+    finally:
+        await fleet.kill_all()

@@ -1,4 +1,5 @@
-"""Service-wide rollout controls (R-ROLL): the kill switch every process obeys.
+"""Service-wide rollout controls (R-ROLL): the kill switch every process obeys, and
+worker drain.
 
 Two ways to pull it, both refusing every new execution with 503 ``service_disabled``
 while work already running finishes:
@@ -26,6 +27,7 @@ import asyncpg
 from opsexec.config import Settings
 from opsexec.engine.actor import Actor
 from opsexec.store import service_flags, transaction
+from opsexec.store import workers as worker_store
 from opsexec.store.identity import record_audit
 
 KILL_SWITCH_CACHE_S: Final = 1.0
@@ -117,3 +119,43 @@ class ServiceControls:
             changed_at=row["updated_at"] if row is not None else None,
             changed_by=row["updated_by"] if row is not None else None,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class DrainRequested:
+    """``worker`` is the heartbeat row after the request; ``already_stopped`` if it had exited."""
+
+    worker: asyncpg.Record
+    already_stopped: bool
+
+
+async def request_worker_drain(
+    pool: asyncpg.Pool,
+    worker_id: str,
+    *,
+    audit_tenant_id: UUID | None,
+    actor_id: UUID | None,
+    reason: str | None,
+    fresh_within_s: float,
+) -> DrainRequested | None:
+    """Ask one worker to lease nothing new, finish its jobs and exit; None if unknown.
+
+    The request is a column write plus a NOTIFY (the worker's heartbeat re-reads the column,
+    so a lost signal delays the drain by one beat), audited under ``audit_tenant_id``.
+    """
+    async with transaction(pool) as connection:
+        requested = await worker_store.request_drain(connection, worker_id, actor_id)
+        if requested is not None and audit_tenant_id is not None:
+            await record_audit(
+                connection,
+                audit_tenant_id,
+                "worker_drain_requested",
+                {"worker_id": worker_id, "reason": reason},
+                actor_id=actor_id,
+            )
+        current = await worker_store.get_worker(
+            connection, worker_id, fresh_within_s=fresh_within_s
+        )
+    if current is None:
+        return None
+    return DrainRequested(worker=current, already_stopped=requested is None)

@@ -52,6 +52,13 @@ async def ensure_tenant(connection: Connection, name: str) -> UUID:
     return tenant_id
 
 
+async def tenant_id_by_name(connection: Connection, name: str) -> UUID | None:
+    tenant_id: UUID | None = await connection.fetchval(
+        "SELECT id FROM tenants WHERE name = $1", name
+    )
+    return tenant_id
+
+
 async def system_user_id(connection: Connection, tenant_id: UUID) -> UUID:
     user_id: UUID = await connection.fetchval(
         "SELECT id FROM users WHERE tenant_id = $1 AND principal = $2",

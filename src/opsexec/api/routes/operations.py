@@ -18,13 +18,16 @@ from fastapi import APIRouter, Depends, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from opsexec.api.auth import Principal, require
-from opsexec.engine.controls import KillSwitchSource, KillSwitchState, ServiceControls
+from opsexec.engine.controls import (
+    KillSwitchSource,
+    KillSwitchState,
+    ServiceControls,
+    request_worker_drain,
+)
 from opsexec.errors import ConflictError, NotFoundError, PermissionDeniedError
 from opsexec.observability.heartbeat import stale_after_s
 from opsexec.safety.rbac import Permission
-from opsexec.store import transaction
 from opsexec.store import workers as store
-from opsexec.store.identity import record_audit
 
 router = APIRouter(prefix="/v1/admin", tags=["operations"])
 logger = logging.getLogger(__name__)
@@ -173,25 +176,20 @@ async def drain_worker(
     Accepted, not done: poll ``GET /v1/admin/workers/{worker_id}`` until ``stopped``.
     Asking again is harmless.
     """
-    fresh_within_s = _fresh_within_s(request)
-    async with transaction(request.app.state.db.pool) as connection:
-        row = await store.request_drain(connection, worker_id, principal.user_id)
-        if row is None:
-            known = await store.get_worker(connection, worker_id, fresh_within_s=fresh_within_s)
-            if known is None:
-                raise NotFoundError(f"worker {worker_id} not found")
-            raise ConflictError(
-                f"worker {worker_id} already stopped",
-                extra={"stopped_at": str(known["stopped_at"])},
-            )
-        await record_audit(
-            connection,
-            principal.tenant_id,
-            "worker_drain_requested",
-            {"worker_id": worker_id, "reason": body.reason if body else None},
-            actor_id=principal.user_id,
+    drained = await request_worker_drain(
+        request.app.state.db.pool,
+        worker_id,
+        audit_tenant_id=principal.tenant_id,
+        actor_id=principal.user_id,
+        reason=body.reason if body else None,
+        fresh_within_s=_fresh_within_s(request),
+    )
+    if drained is None:
+        raise NotFoundError(f"worker {worker_id} not found")
+    if drained.already_stopped:
+        raise ConflictError(
+            f"worker {worker_id} already stopped",
+            extra={"stopped_at": str(drained.worker["stopped_at"])},
         )
-        current = await store.get_worker(connection, worker_id, fresh_within_s=fresh_within_s)
-    assert current is not None
     logger.info("worker drain requested", extra={"target_worker": worker_id})
-    return _worker(current)
+    return _worker(drained.worker)
