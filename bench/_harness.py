@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -118,6 +119,7 @@ def running_service(dsn: str, *extra_args: str) -> Iterator[Service]:
     finally:
         process.terminate()
         process.wait(timeout=30)
+        shutil.rmtree(data_dir, ignore_errors=True)  # it holds the admin API key
 
 
 async def run_clients(
