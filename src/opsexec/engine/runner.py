@@ -16,7 +16,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +54,7 @@ from opsexec.safety import mutex
 from opsexec.safety.masking import mask_text, mask_value
 from opsexec.safety.rbac import has_permission
 from opsexec.store import Connection, events, executions, transaction
+from opsexec.store import queue as queue_store
 from opsexec.store import steps as step_store
 from opsexec.store.identity import current_roles, record_audit, system_user_id
 from opsexec.store.inventory import assets_by_name
@@ -72,9 +73,28 @@ class _HandBack(Exception):
     """The worker is draining: stop at this boundary and give the job back unfinished."""
 
 
-Fence = Callable[[Connection], Awaitable[None]]
-"""Called inside every write transaction of a background run; raises ``LeaseLostError``
-once the worker's lease is gone, so a worker that lost its job cannot write to it."""
+@dataclass
+class Fence:
+    """A worker's lease on the job of a background run.
+
+    ``check`` runs inside every write transaction of the run and raises ``LeaseLostError``
+    once the lease is gone, so a worker that lost its job cannot write to it. The run's
+    final transaction also ``complete``s the job, so ending an execution and retiring its
+    job commit together and cost one transaction, not two.
+    """
+
+    execution_id: UUID
+    queue_id: UUID
+    token: UUID
+    completed: bool = False
+
+    async def check(self, connection: Connection) -> None:
+        if not await queue_store.lease_is_held(connection, self.execution_id, self.token):
+            raise LeaseLostError(f"the lease on execution {self.execution_id} is no longer ours")
+
+    async def complete(self, connection: Connection) -> None:
+        self.completed = await queue_store.complete(connection, self.queue_id, self.token)
+
 
 HANDED_BACK = "handed_back"
 
@@ -133,6 +153,7 @@ class ExecutionEngine:
         self.retry_backoff_s = retry_backoff_s
         self._running: dict[UUID, asyncio.Task[None]] = {}
         self._draining = False
+        self._system_users: dict[UUID, UUID] = {}
 
     # --- entry points ------------------------------------------------------------------
 
@@ -197,12 +218,13 @@ class ExecutionEngine:
         state = await self._prepare(execution_id, tenant_id, fence)
         if state is None:
             return await self._status(execution_id)
+        lock_keys = self._lock_keys(state)
         try:
             await mutex.acquire_execution_locks(
                 self.pool,
                 tenant_id=tenant_id,
                 execution_id=execution_id,
-                keys=self._lock_keys(state),
+                keys=lock_keys,
                 ttl_s=state.execution["timeout_ms"] / 1000 + LOCK_BUFFER_S,
             )
         except ResourceBusyError as busy:
@@ -250,8 +272,8 @@ class ExecutionEngine:
                 running.cancel()
                 await asyncio.gather(running, return_exceptions=True)
             # Locks belong to the execution; once another worker holds its lease they are
-            # that worker's to release, not ours.
-            if await self._holds_lease(state):
+            # that worker's to release, not ours. A plan that locks nothing has none.
+            if lock_keys and await self._holds_lease(state):
                 await mutex.release_execution_locks(
                     self.pool, tenant_id=tenant_id, execution_id=execution_id
                 )
@@ -266,7 +288,7 @@ class ExecutionEngine:
         """A write transaction of this run, fenced by the worker's lease when there is one."""
         async with transaction(self.pool) as connection:
             if state.fence is not None:
-                await state.fence(connection)
+                await state.fence.check(connection)
             yield connection
 
     async def _holds_lease(self, state: _RunState) -> bool:
@@ -313,10 +335,8 @@ class ExecutionEngine:
                 return None
             plan = plan_from_snapshot(execution["plan_snapshot"])
             names = {t for step in plan.steps for t in step.targets}
-            assets = {
-                n: asset_info(r)
-                for n, r in (await assets_by_name(connection, tenant_id, names)).items()
-            }
+            found = await assets_by_name(connection, tenant_id, names) if names else {}
+            assets = {n: asset_info(r) for n, r in found.items()}
         state = _RunState(
             execution=execution,
             plan=plan,
@@ -357,6 +377,13 @@ class ExecutionEngine:
             await events.append_event(
                 connection, state.id, "execution_running", {"worker_id": worker_id}
             )
+
+    async def _system_user(self, connection: Connection, tenant_id: UUID) -> UUID:
+        """The tenant's system user (it never changes once created: cached per process)."""
+        user_id = self._system_users.get(tenant_id)
+        if user_id is None:
+            user_id = self._system_users[tenant_id] = await system_user_id(connection, tenant_id)
+        return user_id
 
     async def _tenant_settings(self, connection: Connection, tenant_id: UUID) -> TenantSettings:
         stored = await connection.fetchval("SELECT settings FROM tenants WHERE id = $1", tenant_id)
@@ -439,10 +466,13 @@ class ExecutionEngine:
             pending = [r for r in targets if r["status"] != S.SUCCEEDED]
             if not pending:
                 continue
-            await self._check_cancel(state)
-            if step.id in gated and not await self._gate_passed(state, targets[0]["step_number"]):
-                await self._park_at_gate(state, targets[0]["step_number"])
-                return
+            if step.id in gated:
+                # Every target checks for a cancel before it starts; a gate checks first so
+                # a cancelled execution ends instead of asking for an approval.
+                await self._check_cancel(state)
+                if not await self._gate_passed(state, targets[0]["step_number"]):
+                    await self._park_at_gate(state, targets[0]["step_number"])
+                    return
             failures = await self._run_targets(state, step, pending)
             if failures:
                 return
@@ -697,16 +727,15 @@ class ExecutionEngine:
         timed_out: bool = False,
     ) -> str:
         async with self._tx(state) as connection:
-            rows = await step_store.steps_of(connection, state.id)
-            failed = [r for r in rows if r["status"] == S.FAILED]
-            if outcome == S.SUCCEEDED and (failed or any(r["status"] != S.SUCCEEDED for r in rows)):
-                outcome = S.FAILED
             # Steps that never started did not fail: they were not run.
             await step_store.skip_unstarted(connection, state.id, S.CANCELLED)
             await step_store.add_execution_counters(
                 connection, state.id, retries=state.retries, cancel_checks=state.cancel_checks
             )
             rows = await step_store.steps_of(connection, state.id)
+            failed = [r for r in rows if r["status"] == S.FAILED]
+            if outcome == S.SUCCEEDED and (failed or any(r["status"] != S.SUCCEEDED for r in rows)):
+                outcome = S.FAILED
             summary = execution_result([dict(r) for r in rows], state.answers)
             fields: dict[str, Any] = {"result_summary": summary}
             kind = "execution_completed"
@@ -715,10 +744,9 @@ class ExecutionEngine:
                 fields |= self._failure_fields(state, error, timed_out, failed)
             elif outcome == S.CANCELLED:
                 kind = "execution_cancelled"
-            current = await connection.fetchval(
-                "SELECT status FROM executions WHERE id = $1 FOR UPDATE", state.id
-            )
-            if current == S.APPROVED:
+            # Ended before it began (refused at the worker, locks busy): the FSM passes
+            # through running. A concurrent writer makes either transition fail (CAS).
+            if state.execution["status"] == S.APPROVED:
                 await executions.transition(
                     connection,
                     state.id,
@@ -727,7 +755,7 @@ class ExecutionEngine:
                     to=S.RUNNING,
                     actor_id=None,
                 )
-            actor = await system_user_id(connection, state.tenant_id)
+            actor = await self._system_user(connection, state.tenant_id)
             final = await executions.transition(
                 connection,
                 state.id,
@@ -750,6 +778,8 @@ class ExecutionEngine:
             await events.append_event(
                 connection, state.id, kind, {"status": outcome, "answer": summary["answer"]}
             )
+            if state.fence is not None:
+                await state.fence.complete(connection)
         action = primary_action(state.plan, self.registry)
         metrics.execution_finished(final, action)
         logger.info(

@@ -32,7 +32,7 @@ from opsexec.policy import HEARTBEATS_PER_LEASE
 from opsexec.queue.reaper import Reaper, dead_letter_job
 from opsexec.queue.signals import WorkerSignals
 from opsexec.safety.masking import mask_text
-from opsexec.store import Connection, events, transaction
+from opsexec.store import events, transaction
 from opsexec.store import queue as store
 from opsexec.store.channels import CANCEL_CHANNEL, DRAIN_CHANNEL, QUEUE_CHANNEL, notify
 
@@ -236,7 +236,7 @@ class Worker:
         execution_id: UUID = job["execution_id"]
         log = {"exec_id": str(execution_id), "worker_id": self.id, "queue_id": str(job["id"])}
         bind_log_context(**log)  # this job's own task: the binding ends with it
-        fence = _fence(execution_id, token)
+        fence = Fence(execution_id, job["id"], token)
         lost = asyncio.Event()
         heartbeat = asyncio.create_task(self._heartbeat(job, lost))
         try:
@@ -250,7 +250,7 @@ class Worker:
                 defer_when_busy=True,
                 fence=fence,
             )
-            await self._settle(job, status)
+            await self._settle(job, status, fence)
         except LeaseLostError:
             logger.warning("lease lost; leaving the job to its new owner", extra=log)
         except ResourceBusyError as busy:
@@ -273,7 +273,7 @@ class Worker:
         hand-over (``lease_expired``, ``attempt_failed``, ``execution_resumed``).
         """
         async with transaction(self.pool) as connection:
-            await fence(connection)
+            await fence.check(connection)
             moved = await connection.fetchval(
                 """UPDATE executions SET worker_id = $2
                    WHERE id = $1 AND status = 'running' RETURNING id""",
@@ -292,7 +292,9 @@ class Worker:
                     },
                 )
 
-    async def _settle(self, job: asyncpg.Record, status: str) -> None:
+    async def _settle(self, job: asyncpg.Record, status: str, fence: Fence) -> None:
+        if fence.completed:
+            return  # the run's final transaction retired the job with the execution
         if status == HANDED_BACK:
             await self._hand_back(job, available_in_s=0.0, reason="worker shutting down")
         elif status == S.AWAITING_APPROVAL:
@@ -398,14 +400,6 @@ class Worker:
                 self.engine.interrupt(job["execution_id"])
                 return
             renewals += 1
-
-
-def _fence(execution_id: UUID, token: UUID) -> Fence:
-    async def check(connection: Connection) -> None:
-        if not await store.lease_is_held(connection, execution_id, token):
-            raise LeaseLostError(f"the lease on execution {execution_id} is no longer ours")
-
-    return check
 
 
 def _queue_wait_ms(job: asyncpg.Record) -> int | None:
