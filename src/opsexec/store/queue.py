@@ -152,9 +152,14 @@ async def enqueue(
 
 
 async def release(connection: Connection, execution_id: UUID) -> None:
-    """Make a queued job runnable now (its approval arrived) and wake the workers."""
+    """Make a queued job runnable now (its approval arrived) and wake the workers.
+
+    ``clock_timestamp()``, not ``now()``: this is the submit's or approval's last statement,
+    so the queue wait (``available_at`` to first lease) starts near the commit instead of
+    including the rest of that transaction.
+    """
     await connection.execute(
-        """UPDATE execution_queue SET available_at = now()
+        """UPDATE execution_queue SET available_at = clock_timestamp()
            WHERE execution_id = $1 AND status = 'queued'""",
         execution_id,
     )
