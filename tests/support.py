@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -66,3 +70,21 @@ async def other_tenant_admin(pool: asyncpg.Pool) -> str:
         user_id = await ensure_user(connection, tenant_id, "admin@other", ["admin"])
         _, key = await create_api_key(connection, tenant_id, user_id)
     return key
+
+
+async def opsexec_async(
+    *args: str, dsn: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m opsexec ARGS`` without blocking the event loop (in-process servers)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "opsexec",
+        *args,
+        env={**os.environ, "OPSEXEC_DATABASE_URL": dsn, **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode is not None
+    return subprocess.CompletedProcess(args, process.returncode, stdout.decode(), stderr.decode())

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from opsexec.cli_client import ApiKeyOption, UrlOption
 from opsexec.cli_client import register as register_client_commands
 from opsexec.cli_ops import register as register_ops_commands
 from opsexec.cli_secrets import register as register_secret_commands
@@ -33,16 +34,6 @@ register_secret_commands(admin_app)
 app.add_typer(assets_app, name="assets")
 app.add_typer(dlq_app, name="dlq")
 
-UrlOption = Annotated[str, typer.Option("--url", envvar="OPSEXEC_URL", help="The opsexec server.")]
-ApiKeyOption = Annotated[
-    str | None,
-    typer.Option(
-        "--api-key",
-        envvar="OPSEXEC_API_KEY",
-        help="API key; defaults to the admin key a local `opsexec serve` saved.",
-        show_default=False,
-    ),
-]
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 

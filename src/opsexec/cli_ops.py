@@ -18,24 +18,12 @@ from urllib.parse import quote
 
 import typer
 
+from opsexec.cli_client import DEFAULT_URL, ApiKeyOption, JsonOption, UrlOption
 from opsexec.client import ApiError, Client, resolve_api_key
 from opsexec.config import get_settings
 
 EXIT_REQUEST_FAILED = 1
 EXIT_NOT_STOPPED = 2
-
-UrlOption = Annotated[str, typer.Option("--url", envvar="OPSEXEC_URL", help="The opsexec server.")]
-ApiKeyOption = Annotated[
-    str | None,
-    typer.Option(
-        "--api-key",
-        envvar="OPSEXEC_API_KEY",
-        help="An operator-tenant admin's key; defaults to the key a local `serve` saved.",
-        show_default=False,
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-DEFAULT_URL = "http://127.0.0.1:8080"
 
 
 def _fail(error: ApiError) -> NoReturn:

@@ -7,6 +7,10 @@ being retried inside the client while announcements pile up.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,3 +34,51 @@ def redis_endpoint(url: str) -> str:
     """The Redis server and database of a URL, without credentials (names relay locks)."""
     parts = urlsplit(url)
     return f"{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"
+
+
+async def follow_channel(
+    url: str,
+    channel: str,
+    on_message: Callable[[str], None],
+    *,
+    on_up: Callable[[], None],
+    on_down: Callable[[], Awaitable[None]],
+    stopped: asyncio.Event,
+    logger: logging.Logger,
+    fallback: str,
+) -> None:
+    """Hear ``channel`` until ``stopped``, whatever Redis does.
+
+    ``on_up`` runs once subscribed, ``on_message`` for every message, and ``on_down`` (the
+    caller's fallback to PostgreSQL) on any failure, which is logged once per outage as
+    "Redis unavailable; {fallback}" and retried with a backoff capped at 5 s.
+    """
+    from redis.exceptions import RedisError
+
+    backoff = 0.5
+    warned = False
+    while not stopped.is_set():
+        client = fail_fast_redis(url)
+        pubsub = client.pubsub()
+        try:
+            await pubsub.subscribe(channel)
+            on_up()
+            backoff, warned = 0.5, False
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is not None and message.get("type") == "message":
+                    on_message(message["data"])
+        except (RedisError, OSError, TimeoutError) as exc:
+            if not warned:  # once per outage, not once per retry
+                logger.warning(
+                    "Redis unavailable; %s", fallback, extra={"error": type(exc).__name__}
+                )
+                warned = True
+            await on_down()
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, 5.0)

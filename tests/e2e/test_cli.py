@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -14,24 +13,9 @@ import asyncpg
 import pytest
 
 from tests.conftest import SHARED_DIR, ApiServer, TenantFixture
+from tests.support import opsexec_async
 
 pytestmark = pytest.mark.postgres
-
-
-async def opsexec_async(*args: str, dsn: str) -> subprocess.CompletedProcess[str]:
-    """For commands that call the in-process test server: the event loop must keep running."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "opsexec",
-        *args,
-        env={**os.environ, "OPSEXEC_DATABASE_URL": dsn},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
-    assert process.returncode is not None
-    return subprocess.CompletedProcess(args, process.returncode, stdout.decode(), stderr.decode())
 
 
 def opsexec(*args: str, dsn: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -15,8 +15,7 @@ from opsexec.store import queue as queue_store
 from opsexec.store import steps as steps_store
 from opsexec.store import transaction
 from tests.conftest import ApiServer, TenantFixture, bearer, make_user
-from tests.e2e.test_cli import opsexec_async
-from tests.support import other_tenant_admin, problem
+from tests.support import opsexec_async, other_tenant_admin, problem
 
 pytestmark = pytest.mark.postgres
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,13 +22,13 @@ import pytest
 from opsexec.queue.reaper import ABANDONED_GRACE_S
 from tests.conftest import ApiServer, TenantFixture, bearer, make_user
 from tests.live_support import live_api, start_serve, wait_ready
-from tests.support import count_plan, other_tenant_admin, problem
+from tests.support import count_plan, opsexec_async, other_tenant_admin, problem
 from tests.worker_support import Fleet, execution_row, finished, queue_row, wait_for
 
 pytestmark = pytest.mark.postgres
 
 
-def slow_plan(seconds: float, marker: Path) -> dict[str, Any]:
+def slow_plan(seconds: float, marker: Path, *, estimated_s: float = 2) -> dict[str, Any]:
     """A level-1 shell step that runs for ``seconds`` and leaves ``marker`` behind."""
     return {
         "steps": [
@@ -39,7 +37,7 @@ def slow_plan(seconds: float, marker: Path) -> dict[str, Any]:
                 "action": "shell.run",
                 "targets": ["local-01"],
                 "inputs": {"command": f"sleep {seconds}; echo done > {marker}"},
-                "estimated_duration_s": 2,
+                "estimated_duration_s": estimated_s,
             }
         ]
     }
@@ -213,18 +211,8 @@ async def test_a_tenant_switched_off_mid_run_finishes_the_running_execution(
 
 
 def background_sleep(seconds: float, marker: Path) -> dict[str, Any]:
-    """A background shell job (level 1: its requester confirms it) taking ``seconds``."""
-    return {
-        "steps": [
-            {
-                "id": "wait",
-                "action": "shell.run",
-                "targets": ["local-01"],
-                "inputs": {"command": f"sleep {seconds}; echo done > {marker}"},
-                "estimated_duration_s": 30,
-            }
-        ]
-    }
+    """The same step, estimated long enough (30 s) to be submitted in background mode."""
+    return slow_plan(seconds, marker, estimated_s=30)
 
 
 async def test_a_drained_worker_finishes_its_job_takes_no_new_one_and_exits(
@@ -294,25 +282,12 @@ async def _submit_background(http: httpx.AsyncClient, key: str, plan: dict[str, 
 
 
 async def test_operator_cli_flips_the_kill_switch_and_lists_workers(
-    operator_api: ApiServer, stocked: TenantFixture, tmp_path: Path
+    operator_api: ApiServer, stocked: TenantFixture, database_dsn: str
 ) -> None:
     async def cli(*arguments: str) -> tuple[int, str, str]:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "opsexec",
-            *arguments,
-            "--url",
-            operator_api.url,
-            "--api-key",
-            stocked.admin_key,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "OPSEXEC_DATA_DIR": str(tmp_path / "cli")},
-        )
-        out, err = await process.communicate()
-        assert process.returncode is not None
-        return process.returncode, out.decode(), err.decode()
+        connection = ("--url", operator_api.url, "--api-key", stocked.admin_key)
+        done = await opsexec_async(*arguments, *connection, dsn=database_dsn)
+        return done.returncode, done.stdout, done.stderr
 
     code, out, err = await cli("kill-switch", "on", "--reason", "incident 42")
     assert code == 0, err
@@ -455,17 +430,8 @@ async def test_the_reaper_ends_an_immediate_execution_whose_api_process_was_kill
     )
 
     async def reap() -> None:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "opsexec",
-            "reap",
-            env={**os.environ, "OPSEXEC_DATABASE_URL": database_dsn},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        output, _ = await process.communicate()
-        assert process.returncode == 0, output.decode()
+        done = await opsexec_async("reap", dsn=database_dsn)
+        assert done.returncode == 0, done.stdout + done.stderr
 
     await reap()  # within its timeout: it may still be running somewhere
     assert (await execution_row(pool, execution_id))["status"] == "running"
@@ -517,41 +483,25 @@ async def test_worker_drain_from_the_host_waits_for_the_job_and_the_exit(
             return bool((await queue_row(pool, execution_id))["leased_by"] == "host-drained")
 
         await wait_for(running, "the worker to take the job")
-        drainer = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "opsexec",
+        drained = await opsexec_async(
             "worker",
             "--drain",
             "--worker-id",
             "host-drained",
             "--drain-timeout",
             "60",
-            env={**os.environ, "OPSEXEC_DATABASE_URL": database_dsn},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            dsn=database_dsn,
         )
-        out, err = await asyncio.wait_for(drainer.communicate(), timeout=90)
-        assert drainer.returncode == 0, err.decode()
-        assert "host-drained: stopped" in out.decode()
+        assert drained.returncode == 0, drained.stderr
+        assert "host-drained: stopped" in drained.stdout
         assert worker.returncode == 0 or await worker.wait() == 0
         assert (await execution_row(pool, execution_id))["status"] == "succeeded"
         assert marker.exists(), "the job in hand was finished, not handed back"
 
-        unknown = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "opsexec",
-            "worker",
-            "--drain",
-            "--worker-id",
-            "no-such-worker",
-            env={**os.environ, "OPSEXEC_DATABASE_URL": database_dsn},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        unknown = await opsexec_async(
+            "worker", "--drain", "--worker-id", "no-such-worker", dsn=database_dsn
         )
-        _, err = await unknown.communicate()
         assert unknown.returncode == 1
-        assert "not found" in err.decode()
+        assert "not found" in unknown.stderr
     finally:
         await fleet.kill_all()

@@ -48,7 +48,7 @@ from uuid import UUID
 import asyncpg
 
 from opsexec.queue.signals import REDIS_SIGNALS_CHANNEL, encode_signals
-from opsexec.redis_client import fail_fast_redis, redis_endpoint
+from opsexec.redis_client import fail_fast_redis, follow_channel, redis_endpoint
 from opsexec.store import connect
 from opsexec.store.channels import EVENTS_CHANNEL, WORKER_SIGNAL_CHANNELS
 from opsexec.store.event_reads import events_after, last_seq, last_seqs
@@ -447,41 +447,30 @@ class EventBus:
 
     async def _subscribe(self) -> None:
         """Hear announcements from Redis; on any failure fall back and retry with backoff."""
-        from redis.exceptions import RedisError
+        assert self.redis_url is not None
+        await follow_channel(
+            self.redis_url,
+            REDIS_CHANNEL,
+            self._on_redis_message,
+            on_up=self._redis_up,
+            on_down=self._redis_down,
+            stopped=self._stopped,
+            logger=logger,
+            fallback="announcements fall back to NOTIFY",
+        )
 
-        backoff = 0.5
-        warned = False
-        while not self._stopped.is_set():
-            client = self._redis_client()
-            pubsub = client.pubsub()
-            try:
-                await pubsub.subscribe(REDIS_CHANNEL)
-                self._redis_ok = True
-                backoff, warned = 0.5, False
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is None or message.get("type") != "message":
-                        continue
-                    self._relay_heard = time.monotonic()
-                    # A batch may mix heartbeats in; those lines parse as nothing.
-                    for execution_id, seq in parse_announcements(message["data"]):
-                        self.announce(execution_id, seq)
-            except (RedisError, OSError, TimeoutError) as exc:
-                if not warned:  # once per outage, not once per retry
-                    logger.warning(
-                        "Redis unavailable; announcements fall back to NOTIFY",
-                        extra={"error": type(exc).__name__},
-                    )
-                    warned = True
-                self._redis_ok = False
-                await self._set_listening_soon()
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-                with contextlib.suppress(Exception):
-                    await client.aclose()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+    def _redis_up(self) -> None:
+        self._redis_ok = True
+
+    async def _redis_down(self) -> None:
+        self._redis_ok = False
+        await self._set_listening_soon()
+
+    def _on_redis_message(self, data: str) -> None:
+        self._relay_heard = time.monotonic()
+        # A batch may mix heartbeats in; those lines parse as nothing.
+        for execution_id, seq in parse_announcements(data):
+            self.announce(execution_id, seq)
 
     async def _set_listening_soon(self) -> None:
         """Fall back to LISTEN now rather than at the next tick: events are arriving."""

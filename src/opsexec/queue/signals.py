@@ -28,7 +28,7 @@ from typing import Any, Final, Literal
 
 import asyncpg
 
-from opsexec.redis_client import fail_fast_redis
+from opsexec.redis_client import follow_channel
 from opsexec.store import connect
 from opsexec.store.channels import WORKER_SIGNAL_CHANNELS
 
@@ -199,39 +199,27 @@ class WorkerSignals:
 
     async def _subscribe(self) -> None:
         """Hear the relay on Redis; on any failure fall back to LISTEN and retry with backoff."""
-        from redis.exceptions import RedisError
-
         assert self.redis_url is not None
-        backoff = 0.5
-        warned = False
-        while not self._stopped.is_set():
-            client = fail_fast_redis(self.redis_url)
-            pubsub = client.pubsub()
-            try:
-                await pubsub.subscribe(REDIS_SIGNALS_CHANNEL)
-                self._redis_ok = True
-                backoff, warned = 0.5, False
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is None or message.get("type") != "message":
-                        continue
-                    self._relay_heard = time.monotonic()
-                    for channel, payload in decode_signals(message["data"]):
-                        self._dispatch(channel, payload)
-            except (RedisError, OSError, TimeoutError) as exc:
-                if not warned:
-                    logger.warning(
-                        "Redis unavailable; worker signals fall back to LISTEN",
-                        extra={"error": type(exc).__name__},
-                    )
-                    warned = True
-                self._redis_ok = False
-                with contextlib.suppress(Exception):
-                    await self._tick()  # fall back now, not at the next tick
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-                with contextlib.suppress(Exception):
-                    await client.aclose()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+        await follow_channel(
+            self.redis_url,
+            REDIS_SIGNALS_CHANNEL,
+            self._on_redis_message,
+            on_up=self._redis_up,
+            on_down=self._redis_down,
+            stopped=self._stopped,
+            logger=logger,
+            fallback="worker signals fall back to LISTEN",
+        )
+
+    def _redis_up(self) -> None:
+        self._redis_ok = True
+
+    async def _redis_down(self) -> None:
+        self._redis_ok = False
+        with contextlib.suppress(Exception):
+            await self._tick()  # fall back now, not at the next tick
+
+    def _on_redis_message(self, data: str) -> None:
+        self._relay_heard = time.monotonic()
+        for channel, payload in decode_signals(data):
+            self._dispatch(channel, payload)
