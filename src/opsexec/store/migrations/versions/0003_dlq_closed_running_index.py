@@ -1,4 +1,5 @@
-"""Dead letters can be closed (their execution was cancelled), not only requeued.
+"""Dead letters can be closed (their execution was cancelled), not only requeued; an
+index for the reaper's scan of running immediate executions.
 
 Revision ID: 0003
 Revises: 0002
@@ -24,11 +25,17 @@ def upgrade() -> None:
         ADD CONSTRAINT dlq_closed_with_reason CHECK ((closed_at IS NULL) = (closed_reason IS NULL));
     CREATE INDEX ix_dlq_open ON execution_dlq (execution_id)
         WHERE requeued_at IS NULL AND closed_at IS NULL;
+
+    -- Every reaper pass looks for immediate executions still running long past their
+    -- timeout (their API process died): few rows, read often.
+    CREATE INDEX ix_exec_running_immediate ON executions (started_at)
+        WHERE status = 'running' AND execution_mode = 'immediate';
     """)
 
 
 def downgrade() -> None:
     execute_script("""
+    DROP INDEX IF EXISTS ix_exec_running_immediate;
     DROP INDEX IF EXISTS ix_dlq_open;
     ALTER TABLE execution_dlq
         DROP CONSTRAINT IF EXISTS dlq_closed_with_reason,
