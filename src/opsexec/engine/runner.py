@@ -322,21 +322,25 @@ class ExecutionEngine:
     async def _prepare(
         self, execution_id: UUID, tenant_id: UUID, fence: Fence | None = None
     ) -> _RunState | None:
-        """The checks before anything runs; None when there is nothing to run now."""
-        async with transaction(self.pool) as connection:
-            execution = await executions.get_execution(
-                connection, tenant_id, execution_id, for_update=True
-            )
+        """The checks before anything runs; None when there is nothing to run now.
+
+        Plain reads, no transaction: nothing is written unless the stored plan was
+        tampered with, and that path re-reads under a row lock before it writes.
+        """
+        async with self.pool.acquire() as connection:
+            execution = await executions.get_execution(connection, tenant_id, execution_id)
             if execution is None or execution["status"] not in (S.APPROVED, S.RUNNING):
                 return None
             settings = await self._tenant_settings(connection, tenant_id)
-            if snapshot_hash(execution["plan_snapshot"]) != execution["plan_hash"]:
-                await self._park_for_reapproval(connection, execution, settings)
-                return None
-            plan = plan_from_snapshot(execution["plan_snapshot"])
-            names = {t for step in plan.steps for t in step.targets}
-            found = await assets_by_name(connection, tenant_id, names) if names else {}
-            assets = {n: asset_info(r) for n, r in found.items()}
+            tampered = snapshot_hash(execution["plan_snapshot"]) != execution["plan_hash"]
+            if not tampered:
+                plan = plan_from_snapshot(execution["plan_snapshot"])
+                names = {t for step in plan.steps for t in step.targets}
+                found = await assets_by_name(connection, tenant_id, names) if names else {}
+                assets = {n: asset_info(r) for n, r in found.items()}
+        if tampered:
+            await self._park_tampered(execution_id, tenant_id, settings, fence)
+            return None
         state = _RunState(
             execution=execution,
             plan=plan,
@@ -388,6 +392,22 @@ class ExecutionEngine:
     async def _tenant_settings(self, connection: Connection, tenant_id: UUID) -> TenantSettings:
         stored = await connection.fetchval("SELECT settings FROM tenants WHERE id = $1", tenant_id)
         return TenantSettings.from_stored(stored)
+
+    async def _park_tampered(
+        self, execution_id: UUID, tenant_id: UUID, settings: TenantSettings, fence: Fence | None
+    ) -> None:
+        async with transaction(self.pool) as connection:
+            if fence is not None:
+                await fence.check(connection)
+            execution = await executions.get_execution(
+                connection, tenant_id, execution_id, for_update=True
+            )
+            if (
+                execution is not None
+                and execution["status"] in (S.APPROVED, S.RUNNING)
+                and snapshot_hash(execution["plan_snapshot"]) != execution["plan_hash"]
+            ):
+                await self._park_for_reapproval(connection, execution, settings)
 
     async def _park_for_reapproval(
         self, connection: Connection, execution: asyncpg.Record, settings: TenantSettings
