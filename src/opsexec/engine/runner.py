@@ -749,15 +749,20 @@ class ExecutionEngine:
         async with self._tx(state) as connection:
             # Steps that never started did not fail: they were not run.
             await step_store.skip_unstarted(connection, state.id, S.CANCELLED)
-            await step_store.add_execution_counters(
-                connection, state.id, retries=state.retries, cancel_checks=state.cancel_checks
-            )
             rows = await step_store.steps_of(connection, state.id)
             failed = [r for r in rows if r["status"] == S.FAILED]
             if outcome == S.SUCCEEDED and (failed or any(r["status"] != S.SUCCEEDED for r in rows)):
                 outcome = S.FAILED
             summary = execution_result([dict(r) for r in rows], state.answers)
-            fields: dict[str, Any] = {"result_summary": summary}
+            # Counters are written once, by the run that ends the execution; a worker that
+            # died mid-run never wrote its own, so the stored values plus ours are the total.
+            fields: dict[str, Any] = {
+                "result_summary": summary,
+                "retries_total": state.execution["retries_total"] + state.retries,
+                "cancel_checks_performed": (
+                    state.execution["cancel_checks_performed"] + state.cancel_checks
+                ),
+            }
             kind = "execution_completed"
             if outcome == S.FAILED:
                 kind = "execution_failed"

@@ -27,6 +27,8 @@ TRANSITION_FIELDS = frozenset(
         "cancellation_reason",
         "worker_id",
         "queue_wait_ms",
+        "retries_total",
+        "cancel_checks_performed",
     }
 )
 _MASKED_FIELDS = frozenset({"error_message", "result_summary", "cancellation_reason"})

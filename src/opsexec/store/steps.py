@@ -117,24 +117,6 @@ async def artifact_for_step(
     )
 
 
-async def add_execution_counters(
-    connection: Connection,
-    execution_id: UUID,
-    *,
-    retries: int = 0,
-    cancel_checks: int = 0,
-) -> None:
-    await connection.execute(
-        """UPDATE executions
-           SET retries_total = retries_total + $2,
-               cancel_checks_performed = cancel_checks_performed + $3
-           WHERE id = $1""",
-        execution_id,
-        retries,
-        cancel_checks,
-    )
-
-
 async def cancellation_requested(connection: Connection, execution_id: UUID) -> bool:
     requested: bool = await connection.fetchval(
         "SELECT cancelled_at IS NOT NULL FROM executions WHERE id = $1", execution_id
