@@ -206,3 +206,26 @@ async def test_invalid_asset_names_the_field(
 
 def test_shared_inventory_path_exists() -> None:
     assert Path(SHARED_DIR / "plans" / "inventory.yaml").is_file()
+
+
+async def test_me_tells_any_caller_who_they_are_and_their_tenant_id(
+    http: httpx.AsyncClient, tenant: TenantFixture, pool: asyncpg.Pool
+) -> None:
+    viewer_id, viewer = await make_user(pool, tenant, ["viewer"])
+    response = await http.get("/v1/me", headers=bearer(viewer))
+    assert response.status_code == 200, response.text
+    me = response.json()
+    assert (me["user_id"], me["tenant_id"], me["tenant_name"]) == (
+        str(viewer_id),
+        str(tenant.id),
+        tenant.name,
+    )
+    assert me["roles"] == ["viewer"]
+    assert "admin" not in me["permissions"]
+    admin = (await http.get("/v1/me", headers=bearer(tenant.admin_key))).json()
+    assert "admin" in admin["permissions"]
+    settings = await http.get(
+        f"/v1/tenants/{admin['tenant_id']}/settings", headers=bearer(tenant.admin_key)
+    )
+    assert settings.status_code == 200
+    assert (await http.get("/v1/me")).status_code == 401

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request, status
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
-from opsexec.api.auth import Principal, require
+from opsexec.api.auth import CurrentPrincipal, Principal, require
 from opsexec.errors import ConflictError, NotFoundError, from_pydantic
 from opsexec.observability import metrics
 from opsexec.safety.rbac import Permission, unknown_roles
@@ -182,6 +182,30 @@ async def _own_tenant(request: Request, admin: Principal, tenant_id: UUID) -> No
         extra={"tenant_id": str(admin.tenant_id), "target_tenant": str(tenant_id)},
     )
     raise NotFoundError(f"tenant {tenant_id} not found")
+
+
+class Me(BaseModel):
+    user_id: UUID
+    principal: str
+    roles: list[str]
+    permissions: list[str] = Field(description="What those roles allow, for clients to adapt.")
+    tenant_id: UUID = Field(description="For /v1/tenants/{tenant_id}/settings.")
+    tenant_name: str
+    auth_method: str
+
+
+@router.get("/me", response_model=Me)
+async def me(principal: CurrentPrincipal) -> Me:
+    """Who the caller's credentials say they are; any authenticated caller may ask."""
+    return Me(
+        user_id=principal.user_id,
+        principal=principal.principal,
+        roles=sorted(principal.roles),
+        permissions=sorted(p.value for p in Permission if principal.can(p)),
+        tenant_id=principal.tenant_id,
+        tenant_name=principal.tenant_name,
+        auth_method=principal.auth_method,
+    )
 
 
 @router.get("/tenants/{tenant_id}/settings", response_model=TenantSettings)
