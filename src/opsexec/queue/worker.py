@@ -234,7 +234,12 @@ class Worker:
     async def _process(self, job: asyncpg.Record) -> None:
         token: UUID = job["lease_token"]
         execution_id: UUID = job["execution_id"]
-        log = {"exec_id": str(execution_id), "worker_id": self.id, "queue_id": str(job["id"])}
+        log = {
+            "exec_id": str(execution_id),
+            "tenant_id": str(job["tenant_id"]),
+            "worker_id": self.id,
+            "queue_id": str(job["id"]),
+        }
         bind_log_context(**log)  # this job's own task: the binding ends with it
         fence = Fence(execution_id, job["id"], token)
         lost = asyncio.Event()
