@@ -614,3 +614,42 @@ async def test_force_cancel_reaches_a_worker_through_redis_within_a_second(
     assert row["status"] == "cancelled", fleet.log("redis-ear")
     assert elapsed < 1.5, f"the forced cancel took {elapsed:.2f} s"
     assert await _signals_via_redis(fleet, "redis-ear"), "the worker stayed on Redis"
+
+
+async def test_a_workers_log_lines_carry_the_executions_fields_and_request_id(
+    http: httpx.AsyncClient,
+    tenant: TenantFixture,
+    pool: asyncpg.Pool,
+    fleet: Fleet,
+    api_server: ApiServer,
+) -> None:
+    """The X-Request-ID of the submit reaches the worker process's lines (R-OBS)."""
+    request_id = f"bg-{uuid.uuid4().hex[:12]}"
+    response = await http.post(
+        "/v1/executions",
+        json={"plan": get_url(f"{api_server.url}/healthz", "logged"), "mode": "background"},
+        headers={**bearer(tenant.admin_key), "X-Request-ID": request_id},
+    )
+    assert response.status_code == 201, response.text
+    execution = response.json()
+    await fleet.start("logger")
+    row = await wait_for(lambda: finished(pool, execution["id"]), "the job")
+    assert row["status"] == "succeeded"
+
+    async def finished_line_written() -> list[dict[str, Any]]:
+        lines = _json_lines(fleet.log("logger"))
+        ours = [line for line in lines if line.get("exec_id") == execution["id"]]
+        return ours if any(x["message"] == "execution finished" for x in ours) else []
+
+    ours = await wait_for(finished_line_written, "the worker's log lines")
+    for line in ours:
+        assert (line["tenant_id"], line["worker_id"]) == (str(tenant.id), "logger"), line
+    engine_lines = [line for line in ours if "plan_hash" in line]
+    assert engine_lines, "the engine's lines carry the execution's identity"
+    for line in engine_lines:
+        assert line["request_id"] == request_id, line
+        assert line["plan_hash"] == execution["plan_hash"]
+    (done,) = [line for line in ours if line["message"] == "execution finished"]
+    assert done["status"] == "succeeded"
+    assert done["action"] == "http.request"
+    assert isinstance(done["queue_wait_ms"], int)
