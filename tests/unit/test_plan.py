@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from opsexec.actions.registry import ActionRegistry, default_registry
 from opsexec.errors import PlanValidationError
+from opsexec.intake import check_targets, document_size_bytes, load_plan, parse_plan
 from opsexec.plan import (
     MAX_PLAN_BYTES,
     PLAN_ERROR_CODES,
@@ -23,13 +24,9 @@ from opsexec.plan import (
     SecretRef,
     canonical_json,
     canonical_plan,
-    check_targets,
     derive_idempotency_key,
-    document_size_bytes,
     is_secret_ref,
     json_pointer,
-    load_plan,
-    parse_plan,
     plan_from_snapshot,
     plan_hash,
     snapshot_hash,

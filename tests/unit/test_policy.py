@@ -12,7 +12,8 @@ import yaml
 
 from opsexec.actions.registry import ActionClass, default_registry
 from opsexec.errors import PlanValidationError
-from opsexec.plan import Plan, load_plan, parse_plan
+from opsexec.intake import load_plan, parse_plan
+from opsexec.plan import Plan
 from opsexec.policy import (
     DEFAULT_MAX_CONCURRENCY,
     HEARTBEATS_PER_LEASE,

@@ -31,17 +31,15 @@ from opsexec.errors import (
     ServiceDisabledError,
 )
 from opsexec.fsm import ExecutionStatus
+from opsexec.intake import check_targets, document_size_bytes, load_plan
 from opsexec.observability import metrics
 from opsexec.observability.fields import execution_fields, outcome_fields
 from opsexec.plan import (
     Plan,
     canonical_json,
     canonical_plan,
-    check_targets,
     derive_idempotency_key,
-    document_size_bytes,
     json_pointer,
-    load_plan,
     plan_hash,
 )
 from opsexec.policy import Classification, ExecutionMode, classify, lease_timeout_ms
