@@ -25,6 +25,7 @@ from tests.conftest import REPO_ROOT, ApiServer, TenantFixture, bearer, migrated
 from tests.live_support import live_api, private_redis
 from tests.services import missing_service
 from tests.support import count_plan, other_tenant_admin, shell_plan
+from tests.worker_support import wait_for
 
 pytestmark = pytest.mark.postgres
 
@@ -306,11 +307,18 @@ async def test_readyz_reports_database_migrations_redis_and_workers(
                 tmp_path / "data",
                 worker_concurrency=1,
                 redis_url=redis.url,
-                worker_heartbeat_s=0.2,
+                worker_heartbeat_s=1.0,
             ) as api,
             httpx.AsyncClient(base_url=api.url, timeout=30) as http,
         ):
-            ready = (await http.get("/readyz")).json()
+
+            async def workers_reported() -> dict[str, Any]:
+                body: dict[str, Any] = (await http.get("/readyz")).json()
+                workers = body["checks"].get("workers", {})
+                return body if workers.get("status") == "ok" else {}
+
+            # The in-process worker registers its heartbeat once its task starts.
+            ready = await wait_for(workers_reported, "the worker's first heartbeat", 10)
             assert ready["status"] == "ready"
             checks = ready["checks"]
             assert checks["database"]["status"] == "ok"
