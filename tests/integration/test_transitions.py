@@ -154,3 +154,29 @@ async def test_other_tenant_cannot_move_an_execution(
                 to=S.SUCCEEDED,
                 actor_id=None,
             )
+
+
+async def test_a_transition_and_the_events_that_follow_it_commit_in_order_and_masked(
+    pool: asyncpg.Pool, tenant: TenantFixture
+) -> None:
+    execution_id = await _execution_in(pool, tenant, S.RUNNING)
+    async with transaction(pool) as connection:
+        await transition(
+            connection,
+            execution_id,
+            tenant.id,
+            expected=S.RUNNING,
+            to=S.FAILED,
+            actor_id=None,
+            then=[
+                ("execution_timed_out", {"timeout_ms": 10}),
+                ("execution_failed", {"status": "failed", "password": "hunter2-planted"}),
+            ],
+        )
+    events = await _events(pool, execution_id)
+    assert [e["event_kind"] for e in events] == [
+        "status_transition",
+        "execution_timed_out",
+        "execution_failed",
+    ]
+    assert "hunter2-planted" not in str(events[2]["payload"])

@@ -56,7 +56,7 @@ from opsexec.safety.rbac import has_permission
 from opsexec.store import Connection, events, executions, transaction
 from opsexec.store import queue as queue_store
 from opsexec.store import steps as step_store
-from opsexec.store.identity import current_roles, record_audit, system_user_id
+from opsexec.store.identity import effective_roles, record_audit, system_user_id
 from opsexec.store.inventory import assets_by_name
 from opsexec.tenancy import TenantSettings
 
@@ -328,10 +328,10 @@ class ExecutionEngine:
         tampered with, and that path re-reads under a row lock before it writes.
         """
         async with self.pool.acquire() as connection:
-            execution = await executions.get_execution(connection, tenant_id, execution_id)
+            execution = await executions.run_context(connection, tenant_id, execution_id)
             if execution is None or execution["status"] not in (S.APPROVED, S.RUNNING):
                 return None
-            settings = await self._tenant_settings(connection, tenant_id)
+            settings = TenantSettings.from_stored(execution["run_tenant_settings"])
             tampered = snapshot_hash(execution["plan_snapshot"]) != execution["plan_hash"]
             if not tampered:
                 plan = plan_from_snapshot(execution["plan_snapshot"])
@@ -351,7 +351,8 @@ class ExecutionEngine:
         )
         # Undone by run()'s binding when it returns (fail_busy: with the worker's job task).
         bind_log_context(**execution_fields(execution, plan, self.registry))
-        denied = await self._permission_denied(state)
+        roles = effective_roles(execution["run_actor_roles"], execution["run_actor_disabled"])
+        denied = await self._permission_denied(state, roles)
         if denied:
             await self._finish(state, S.FAILED, error=denied)
             return None
@@ -377,9 +378,7 @@ class ExecutionEngine:
                 to=S.RUNNING,
                 actor_id=state.execution["actor_id"],
                 fields=fields or None,
-            )
-            await events.append_event(
-                connection, state.id, "execution_running", {"worker_id": worker_id}
+                then=[("execution_running", {"worker_id": worker_id})],
             )
 
     async def _system_user(self, connection: Connection, tenant_id: UUID) -> UUID:
@@ -388,10 +387,6 @@ class ExecutionEngine:
         if user_id is None:
             user_id = self._system_users[tenant_id] = await system_user_id(connection, tenant_id)
         return user_id
-
-    async def _tenant_settings(self, connection: Connection, tenant_id: UUID) -> TenantSettings:
-        stored = await connection.fetchval("SELECT settings FROM tenants WHERE id = $1", tenant_id)
-        return TenantSettings.from_stored(stored)
 
     async def _park_tampered(
         self, execution_id: UUID, tenant_id: UUID, settings: TenantSettings, fence: Fence | None
@@ -433,10 +428,11 @@ class ExecutionEngine:
         )
         await approvals.invalidate_tampered(connection, execution, settings)
 
-    async def _permission_denied(self, state: _RunState) -> OpsexecError | None:
-        """R-RBAC at the worker: the actor's roles *now*, not at submit time."""
-        async with self.pool.acquire() as connection:
-            roles = await current_roles(connection, state.tenant_id, state.execution["actor_id"])
+    async def _permission_denied(
+        self, state: _RunState, roles: tuple[str, ...] | None
+    ) -> OpsexecError | None:
+        """R-RBAC at the worker: the actor's roles *now* (read with the execution), not at
+        submit time."""
         needed = {self.registry.require(step.action).permission for step in state.plan.steps}
         missing = sorted(p for p in needed if roles is None or not has_permission(roles, p))
         if not missing:
@@ -781,6 +777,18 @@ class ExecutionEngine:
                     actor_id=None,
                 )
             actor = await self._system_user(connection, state.tenant_id)
+            closing: list[tuple[str, dict[str, Any]]] = []
+            if timed_out:
+                closing.append(
+                    (
+                        "execution_timed_out",
+                        {
+                            "timeout_ms": state.execution["timeout_ms"],
+                            "timeout_policy_id": state.execution["timeout_policy_id"],
+                        },
+                    )
+                )
+            closing.append((kind, {"status": outcome, "answer": summary["answer"]}))
             final = await executions.transition(
                 connection,
                 state.id,
@@ -789,19 +797,7 @@ class ExecutionEngine:
                 to=outcome,
                 actor_id=actor,
                 fields=fields,
-            )
-            if timed_out:
-                await events.append_event(
-                    connection,
-                    state.id,
-                    "execution_timed_out",
-                    {
-                        "timeout_ms": state.execution["timeout_ms"],
-                        "timeout_policy_id": state.execution["timeout_policy_id"],
-                    },
-                )
-            await events.append_event(
-                connection, state.id, kind, {"status": outcome, "answer": summary["answer"]}
+                then=closing,
             )
             if state.fence is not None:
                 await state.fence.complete(connection)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -47,3 +47,34 @@ async def append_event(
         mask_value(dict(metadata or {})),
     )
     return seq
+
+
+# Several events of one execution in one statement, in the order given: rows are inserted
+# (and `seq` drawn) in the order the ordinality sort produces them.
+APPEND_EVENTS = f"""
+WITH ordered AS (
+    SELECT pg_advisory_xact_lock(hashtextextended($1::uuid::text, 0))
+), inserted AS (
+    INSERT INTO execution_events (execution_id, event_kind, payload)
+    SELECT $1::uuid, e.kind, e.payload
+    FROM ordered, unnest($2::varchar[], $3::jsonb[]) WITH ORDINALITY AS e(kind, payload, n)
+    ORDER BY e.n
+    RETURNING seq
+)
+SELECT seq, pg_notify('{EVENTS_CHANNEL}', $1::uuid::text || ':' || seq) FROM inserted
+"""
+
+
+async def append_events(
+    connection: Connection,
+    execution_id: UUID,
+    kinds_and_payloads: Sequence[tuple[str, Mapping[str, Any]]],
+) -> list[int]:
+    """``append_event`` for several execution-level events at once (one round trip)."""
+    rows = await connection.fetch(
+        APPEND_EVENTS,
+        execution_id,
+        [kind for kind, _ in kinds_and_payloads],
+        [mask_value(dict(payload)) for _, payload in kinds_and_payloads],
+    )
+    return sorted(row["seq"] for row in rows)

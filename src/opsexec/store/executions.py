@@ -13,7 +13,7 @@ from opsexec.errors import FSMError, NotFoundError
 from opsexec.fsm import TERMINAL, ExecutionStatus, check_move
 from opsexec.safety.masking import mask_value
 from opsexec.store import Connection
-from opsexec.store.events import append_event
+from opsexec.store.events import append_events
 
 # Columns a transition may set alongside the status; values are always parameters.
 TRANSITION_FIELDS = frozenset(
@@ -64,8 +64,12 @@ async def transition(
     actor_id: UUID | None,
     reason: str | None = None,
     fields: Mapping[str, Any] | None = None,
+    then: Sequence[tuple[str, Mapping[str, Any]]] = (),
 ) -> asyncpg.Record:
     """Move an execution ``expected → to`` as a compare-and-set, with its audit event.
+
+    ``then`` are events that follow the ``status_transition`` one (``execution_running``,
+    ``execution_completed``...), written with it in one statement.
 
     Call inside a transaction: the status change, the audit stamp and the
     ``status_transition`` event commit together or not at all. Raises ``FSMError`` for an
@@ -109,7 +113,7 @@ async def transition(
         payload["by"] = str(actor_id)
     if reason:
         payload["reason"] = reason
-    await append_event(connection, execution_id, "status_transition", payload)
+    await append_events(connection, execution_id, [("status_transition", payload), *then])
     return row
 
 
@@ -218,6 +222,26 @@ async def insert_steps(
 
 async def delete_steps(connection: Connection, execution_id: UUID) -> None:
     await connection.execute("DELETE FROM execution_steps WHERE execution_id = $1", execution_id)
+
+
+# What the engine reads before a run, in one round trip: the execution, its tenant's
+# settings and its requester's roles *now* (R-RBAC is checked at the worker too).
+RUN_CONTEXT = """
+SELECT e.*, t.settings AS run_tenant_settings,
+       u.roles AS run_actor_roles, u.disabled AS run_actor_disabled
+FROM executions e
+JOIN tenants t ON t.id = e.tenant_id
+LEFT JOIN users u ON u.id = e.actor_id AND u.tenant_id = e.tenant_id
+WHERE e.id = $1 AND e.tenant_id = $2
+"""
+
+
+async def run_context(
+    connection: Connection, tenant_id: UUID, execution_id: UUID
+) -> asyncpg.Record | None:
+    """The execution row plus ``run_tenant_settings``, ``run_actor_roles`` and
+    ``run_actor_disabled`` (both None when the requester no longer exists)."""
+    return await connection.fetchrow(RUN_CONTEXT, execution_id, tenant_id)
 
 
 async def get_execution(

@@ -186,22 +186,12 @@ async def update_user(
     )
 
 
-async def current_roles(
-    connection: Connection, tenant_id: UUID, user_id: UUID
-) -> tuple[str, ...] | None:
-    """The roles a user holds right now, or None if the user is gone or disabled.
-
-    The engine asks this right before running (R-RBAC): permissions granted at submit
-    time may have been revoked since.
-    """
-    row = await connection.fetchrow(
-        "SELECT roles, disabled FROM users WHERE id = $1 AND tenant_id = $2",
-        user_id,
-        tenant_id,
-    )
-    if row is None or row["disabled"]:
+def effective_roles(roles: list[str] | None, disabled: bool | None) -> tuple[str, ...] | None:
+    """A user's roles as permissions see them: None when the user is gone (no row: both
+    None) or disabled."""
+    if roles is None or disabled is None or disabled:
         return None
-    return tuple(row["roles"])
+    return tuple(roles)
 
 
 async def list_api_keys(
