@@ -32,7 +32,7 @@ from opsexec.policy import HEARTBEATS_PER_LEASE
 from opsexec.queue.reaper import Reaper, dead_letter_job
 from opsexec.queue.signals import WorkerSignals
 from opsexec.safety.masking import mask_text
-from opsexec.store import events, transaction
+from opsexec.store import events, executions, transaction
 from opsexec.store import queue as store
 from opsexec.store.channels import CANCEL_CHANNEL, DRAIN_CHANNEL, QUEUE_CHANNEL, notify
 
@@ -279,13 +279,7 @@ class Worker:
         """
         async with transaction(self.pool) as connection:
             await fence.check(connection)
-            moved = await connection.fetchval(
-                """UPDATE executions SET worker_id = $2
-                   WHERE id = $1 AND status = 'running' RETURNING id""",
-                job["execution_id"],
-                self.id,
-            )
-            if moved is not None:
+            if await executions.hand_over(connection, job["execution_id"], self.id):
                 await events.append_event(
                     connection,
                     job["execution_id"],
@@ -381,20 +375,14 @@ class Worker:
 
     async def _heartbeat(self, job: asyncpg.Record, lost: asyncio.Event) -> None:
         """Renew the lease every ``1 / HEARTBEATS_PER_LEASE`` of it, up to the SLA's cap."""
-        lease_s = float(job["metadata"].get("lease_ms", 60_000)) / 1000
+        lease_s = float(job["metadata"].get("lease_ms", store.DEFAULT_LEASE_MS)) / 1000
         cap = int(job["metadata"].get("max_lease_renewals", 3))
         renewals = 0
         while renewals < cap:
             await asyncio.sleep(lease_s / HEARTBEATS_PER_LEASE)
             try:
-                async with transaction(self.pool) as connection:
+                async with self.pool.acquire() as connection:
                     held = await store.heartbeat(connection, job["id"], job["lease_token"])
-                    if held:
-                        await connection.execute(
-                            "UPDATE executions SET lease_renewals = lease_renewals + 1"
-                            " WHERE id = $1",
-                            job["execution_id"],
-                        )
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 # A blip must not end the heartbeats: try again at the next beat. If the
                 # database stays away, the lease runs out and the fence stops our writes.

@@ -244,6 +244,17 @@ async def run_context(
     return await connection.fetchrow(RUN_CONTEXT, execution_id, tenant_id)
 
 
+async def hand_over(connection: Connection, execution_id: UUID, worker_id: str) -> bool:
+    """Name ``worker_id`` as the worker of a running execution it resumes; False if the
+    execution is not running (it ended, or waits at a gate)."""
+    moved = await connection.fetchval(
+        "UPDATE executions SET worker_id = $2 WHERE id = $1 AND status = 'running' RETURNING id",
+        execution_id,
+        worker_id,
+    )
+    return moved is not None
+
+
 async def get_execution(
     connection: Connection, tenant_id: UUID, execution_id: UUID, *, for_update: bool = False
 ) -> asyncpg.Record | None:

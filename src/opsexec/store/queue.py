@@ -63,12 +63,19 @@ WHERE q.id = next.id
 RETURNING q.*, (SELECT tenant_id FROM executions e WHERE e.id = q.execution_id) AS tenant_id
 """
 
+# A renewal is counted on the execution (lease_renewals, R-OBS) in the same statement.
 HEARTBEAT = """
-UPDATE execution_queue
-SET lease_expires_at = now() + make_interval(
-    secs => coalesce((metadata->>'lease_ms')::float, $3) / 1000)
-WHERE id = $1 AND lease_token = $2 AND status = 'leased'
-RETURNING lease_expires_at
+WITH renewed AS (
+    UPDATE execution_queue
+    SET lease_expires_at = now() + make_interval(
+        secs => coalesce((metadata->>'lease_ms')::float, $3) / 1000)
+    WHERE id = $1 AND lease_token = $2 AND status = 'leased'
+    RETURNING execution_id, lease_expires_at
+), counted AS (
+    UPDATE executions e SET lease_renewals = e.lease_renewals + 1
+    FROM renewed WHERE e.id = renewed.execution_id
+)
+SELECT lease_expires_at FROM renewed
 """
 
 COMPLETE = """
@@ -189,7 +196,8 @@ async def dequeue(
 
 
 async def heartbeat(connection: Connection, queue_id: UUID, token: UUID) -> bool:
-    """Extend the lease; False means it is gone and the worker must stop touching the job."""
+    """Extend the lease and count the renewal; False means the lease is gone and the worker
+    must stop touching the job."""
     return await connection.fetchval(HEARTBEAT, queue_id, token, DEFAULT_LEASE_MS) is not None
 
 
