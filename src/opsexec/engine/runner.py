@@ -54,6 +54,7 @@ from opsexec.safety import mutex
 from opsexec.safety.masking import mask_text, mask_value
 from opsexec.safety.rbac import has_permission
 from opsexec.store import Connection, events, executions, transaction
+from opsexec.store import approvals as approval_store
 from opsexec.store import queue as queue_store
 from opsexec.store import steps as step_store
 from opsexec.store.identity import effective_roles, record_audit, system_user_id
@@ -217,7 +218,7 @@ class ExecutionEngine:
     ) -> str:
         state = await self._prepare(execution_id, tenant_id, fence)
         if state is None:
-            return await self._status(execution_id)
+            return await self._status(execution_id, tenant_id)
         lock_keys = self._lock_keys(state)
         try:
             await mutex.acquire_execution_locks(
@@ -310,11 +311,11 @@ class ExecutionEngine:
         if state is not None:
             await self._finish(state, S.FAILED, error=busy)
 
-    async def _status(self, execution_id: UUID) -> str:
+    async def _status(self, execution_id: UUID, tenant_id: UUID) -> str:
         async with self.pool.acquire() as connection:
-            status: str = await connection.fetchval(
-                "SELECT status FROM executions WHERE id = $1", execution_id
-            )
+            execution = await executions.get_execution(connection, tenant_id, execution_id)
+        assert execution is not None, "executions are never deleted while they run"
+        status: str = execution["status"]
         return status
 
     # --- start ---------------------------------------------------------------------------
@@ -509,14 +510,7 @@ class ExecutionEngine:
 
     async def _gate_passed(self, state: _RunState, step_number: int) -> bool:
         async with self.pool.acquire() as connection:
-            approved: bool = await connection.fetchval(
-                """SELECT EXISTS (SELECT 1 FROM approvals
-                   WHERE execution_id = $1 AND step_number = $2 AND state = 'approved'
-                     AND invalidated_at IS NULL)""",
-                state.id,
-                step_number,
-            )
-        return approved
+            return await approval_store.step_approved(connection, state.id, step_number)
 
     async def _park_at_gate(self, state: _RunState, step_number: int) -> None:
         """Level-3 gate: hand the worker back until a senior approver releases the step."""

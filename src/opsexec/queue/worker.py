@@ -330,9 +330,11 @@ class Worker:
         started = metadata.get("lock_wait_started") or time.time()
         deferrals = int(metadata.get("lock_deferrals", 0)) + 1
         async with self.pool.acquire() as connection:
-            budget_ms = await connection.fetchval(
-                "SELECT timeout_ms FROM executions WHERE id = $1", job["execution_id"]
+            execution = await executions.get_execution(
+                connection, job["tenant_id"], job["execution_id"]
             )
+        assert execution is not None, "a queued job's execution exists"
+        budget_ms = execution["timeout_ms"]
         if (time.time() - started) * 1000 >= budget_ms:
             await self.engine.fail_busy(job["execution_id"], job["tenant_id"], busy)
             async with transaction(self.pool) as connection:

@@ -194,3 +194,15 @@ async def due_for_expiry(connection: Connection, limit: int = 100) -> list[Any]:
            FOR UPDATE OF a SKIP LOCKED""",
         limit,
     )
+
+
+async def step_approved(connection: Connection, execution_id: UUID, step_number: int) -> bool:
+    """A level-3 gate is open: its step's approval was given and not voided since."""
+    approved: bool = await connection.fetchval(
+        """SELECT EXISTS (SELECT 1 FROM approvals
+           WHERE execution_id = $1 AND step_number = $2 AND state = 'approved'
+             AND invalidated_at IS NULL)""",
+        execution_id,
+        step_number,
+    )
+    return approved
