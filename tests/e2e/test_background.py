@@ -653,3 +653,73 @@ async def test_a_workers_log_lines_carry_the_executions_fields_and_request_id(
     assert done["status"] == "succeeded"
     assert done["action"] == "http.request"
     assert isinstance(done["queue_wait_ms"], int)
+
+
+# --- a target locked by another execution ------------------------------------------------
+
+
+async def _hold_target(
+    http: httpx.AsyncClient, key: str, target: str, seconds: float
+) -> asyncio.Task[httpx.Response]:
+    """An immediate execution that holds ``target``'s lock for ``seconds`` (run in-request)."""
+    plan = {"steps": [shell("hold", f"sleep {seconds}", target)]}
+    plan["steps"][0]["estimated_duration_s"] = 2
+    holder = (await http.post("/v1/executions", json={"plan": plan}, headers=bearer(key))).json()
+    return asyncio.create_task(
+        http.post(f"/v1/executions/{holder['id']}/approve", headers=bearer(key))
+    )
+
+
+async def _lock_held(pool: asyncpg.Pool, target: str) -> bool:
+    held = await pool.fetchval(
+        "SELECT count(*) FROM execution_locks WHERE lock_key LIKE '%' || $1 || '%'", target
+    )
+    return bool(held)
+
+
+@pytest.mark.parametrize("budget", ["enough", "spent"])
+async def test_a_busy_target_defers_the_job_uncharged_until_the_lock_wait_budget_is_spent(
+    http: httpx.AsyncClient,
+    tenant: TenantFixture,
+    pool: asyncpg.Pool,
+    fleet: Fleet,
+    tmp_path: Path,
+    budget: str,
+) -> None:
+    key = tenant.admin_key
+    target = f"locked-{uuid.uuid4().hex[:6]}"
+    await add_local_assets(http, key, [target], "staging")
+    holder = await _hold_target(http, key, target, 2.5)
+    await wait_for(lambda: _lock_held(pool, target), "the holder to take the lock")
+    marker = tmp_path / "ran"
+    execution = await submit(
+        http, key, {"steps": [shell("write", f"echo ran > {marker}", target)]}, mode="background"
+    )
+    if execution["status"] == "awaiting_approval":
+        await approve(http, key, execution["id"])
+    if budget == "spent":  # the lock-wait budget is the execution's own timeout
+        await pool.execute(
+            "UPDATE executions SET timeout_ms = 400 WHERE id = $1", uuid.UUID(execution["id"])
+        )
+    await fleet.start("patient", env={"OPSEXEC_QUEUE_BACKOFF_UNIT_S": "0.1"})
+
+    async def deferred_twice() -> bool:
+        job = await queue_row(pool, execution["id"])
+        return int(job["metadata"].get("lock_deferrals", 0)) >= 2
+
+    if budget == "enough":
+        await wait_for(deferred_twice, "the job to be deferred twice")
+        job = await queue_row(pool, execution["id"])
+        assert (job["status"], job["attempt"]) == ("queued", 0), "deferrals are not attempts"
+        assert "waiting for lock" in job["last_error"]
+        assert (await execution_row(pool, execution["id"]))["status"] == "approved"
+    row = await wait_for(lambda: finished(pool, execution["id"]), "the job to end")
+    assert (await holder).json()["status"] == "succeeded"
+    job = await queue_row(pool, execution["id"])
+    assert (job["status"], job["attempt"]) == ("completed", 0), fleet.log("patient")
+    if budget == "enough":
+        assert row["status"] == "succeeded", fleet.log("patient")
+        assert marker.read_text().strip() == "ran"
+    else:
+        assert (row["status"], row["error_class"]) == ("failed", "ResourceBusyError")
+        assert not marker.exists()
