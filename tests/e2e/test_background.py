@@ -723,3 +723,57 @@ async def test_a_busy_target_defers_the_job_uncharged_until_the_lock_wait_budget
     else:
         assert (row["status"], row["error_class"]) == ("failed", "ResourceBusyError")
         assert not marker.exists()
+
+
+# --- cancelling background work that is not running ---------------------------------------
+
+
+async def test_cancel_reaches_a_queued_job_and_a_job_parked_at_a_gate(
+    http: httpx.AsyncClient,
+    tenant: TenantFixture,
+    pool: asyncpg.Pool,
+    fleet: Fleet,
+    api_server: ApiServer,
+    tmp_path: Path,
+) -> None:
+    key = tenant.admin_key
+    queued = await submit(
+        http, key, get_url(f"{api_server.url}/healthz", "never-run"), mode="background"
+    )
+    assert queued["status"] == "approved"
+    cancelled = await http.post(f"/v1/executions/{queued['id']}/cancel", headers=bearer(key))
+    assert cancelled.json()["status"] == "cancelled", cancelled.text
+    assert (await queue_row(pool, queued["id"]))["status"] == "completed"
+
+    trail = tmp_path / "deployed"
+    script = tmp_path / "deploy.sh"
+    script.write_text(f'#!/bin/sh\necho "$1" >> {trail}\n')
+    script.chmod(0o755)
+    targets = ["prod-cancel-01"]
+    await add_local_assets(http, key, targets, "production")
+    plan = load("deploy_prod_50.json")
+    precheck, deploy, _ = plan["steps"]
+    plan["steps"] = [
+        {**precheck, "targets": targets, "inputs": {"path": str(tmp_path)}},
+        {
+            **deploy,
+            "targets": targets,
+            "inputs": {**deploy["inputs"], "script": str(script)},
+            "requires_approval": True,
+        },
+    ]
+    _, deployer = await make_user(pool, tenant, ["deployer"])
+    _, senior = await make_user(pool, tenant, ["senior_approver"])
+    gated = await submit(http, deployer, plan)
+    await approve(http, senior, gated["id"])
+    await fleet.start("gate-keeper")
+    await wait_for(lambda: _parked_at(pool, gated["id"], 2), "the gate before deploy")
+    stopped = await http.post(
+        f"/v1/executions/{gated['id']}/cancel", json={"reason": "no"}, headers=bearer(key)
+    )
+    assert stopped.json()["status"] == "cancelled", stopped.text
+    job = await queue_row(pool, gated["id"])
+    assert (job["status"], job["leased_by"]) == ("completed", None)
+    await asyncio.sleep(1.5)  # the worker polls every second: it had its chance
+    assert not trail.exists(), "nothing was deployed"
+    assert (await execution_row(pool, queued["id"]))["started_at"] is None
