@@ -274,6 +274,19 @@ async def wait_until(probe: Any, what: str, timeout_s: float, interval_s: float 
     return False
 
 
+async def wait_registered(db: asyncpg.Pool, worker_ids: list[str]) -> None:
+    """Until every worker of the run has its heartbeat row (it is ready to lease)."""
+
+    async def registered() -> bool:
+        up: int = await db.fetchval(
+            "SELECT count(*) FROM worker_heartbeats WHERE worker_id = ANY($1::text[])",
+            worker_ids,
+        )
+        return up == len(worker_ids)
+
+    await wait_until(registered, f"{len(worker_ids)} workers to register", 60)
+
+
 async def remember(db: asyncpg.Pool, tag: str, ids: list[uuid.UUID]) -> None:
     """Keep a run's ids in the scratch database, so polling does not ship them each time
     (thousands of uuids 20 times a second cost CPU this 2-core box lends the workers)."""
@@ -449,15 +462,7 @@ async def drain(
     problems = [] if held == f"UPDATE {count}" else [f"{tag}: only {held} of {count} queued"]
     fleet = start_workers(service.dsn, tag, workers, concurrency, logs)
     try:
-
-        async def registered() -> bool:
-            up: int = await db.fetchval(
-                "SELECT count(*) FROM worker_heartbeats WHERE worker_id = ANY($1::text[])",
-                fleet.ids,
-            )
-            return up == workers
-
-        await wait_until(registered, f"{workers} workers to register", 60)
+        await wait_registered(db, fleet.ids)
         await asyncio.sleep(0.3)  # past their first (empty) lease
         pg_before = await postgres_cpu_s(db)
         cpu_before = (fleet.cpu_s(), _serve_cpu_s(), time.process_time(), _machine_ticks())
@@ -539,15 +544,7 @@ async def steady(
     tag = f"steady{workers}"
     fleet = start_workers(service.dsn, tag, workers, concurrency, logs)
     try:
-
-        async def registered() -> bool:
-            up: int = await db.fetchval(
-                "SELECT count(*) FROM worker_heartbeats WHERE worker_id = ANY($1::text[])",
-                fleet.ids,
-            )
-            return up == workers
-
-        await wait_until(registered, f"{workers} workers to register", 60)
+        await wait_registered(db, fleet.ids)
         started = time.monotonic()
         ids, skipped = await submit_paced(service, tag, rate, seconds)
         achieved = len(ids) / (time.monotonic() - started)

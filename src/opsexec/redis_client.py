@@ -10,9 +10,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Final
 from urllib.parse import urlsplit
+
+RELAY_STALE_S: Final = 3.0
+"""No relay heartbeat (sent every second) for this long: the Redis path counts as down."""
+
+
+@dataclass
+class RelayLink:
+    """What a follower of the Redis relay knows: is its subscription up, and when did the
+    relay last speak. Followers use Redis only while it is healthy, LISTEN otherwise."""
+
+    subscribed: bool = False
+    heard_at: float = 0.0
+
+    def healthy(self) -> bool:
+        return self.subscribed and time.monotonic() - self.heard_at < RELAY_STALE_S
 
 
 def fail_fast_redis(url: str, *, timeout_s: float = 5.0, connect_timeout_s: float = 2.0) -> Any:
@@ -41,7 +58,7 @@ async def follow_channel(
     channel: str,
     on_message: Callable[[str], None],
     *,
-    on_up: Callable[[], None],
+    link: RelayLink,
     on_down: Callable[[], Awaitable[None]],
     stopped: asyncio.Event,
     logger: logging.Logger,
@@ -49,8 +66,9 @@ async def follow_channel(
 ) -> None:
     """Hear ``channel`` until ``stopped``, whatever Redis does.
 
-    ``on_up`` runs once subscribed, ``on_message`` for every message, and ``on_down`` (the
-    caller's fallback to PostgreSQL) on any failure, which is logged once per outage as
+    ``link`` records the subscription and every message heard; ``on_message`` gets each
+    message, and ``on_down`` (the caller's fallback to PostgreSQL) runs on any failure,
+    which is logged once per outage as
     "Redis unavailable; {fallback}" and retried with a backoff capped at 5 s.
     """
     from redis.exceptions import RedisError
@@ -62,11 +80,12 @@ async def follow_channel(
         pubsub = client.pubsub()
         try:
             await pubsub.subscribe(channel)
-            on_up()
+            link.subscribed = True
             backoff, warned = 0.5, False
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is not None and message.get("type") == "message":
+                    link.heard_at = time.monotonic()
                     on_message(message["data"])
         except (RedisError, OSError, TimeoutError) as exc:
             if not warned:  # once per outage, not once per retry
@@ -74,6 +93,7 @@ async def follow_channel(
                     "Redis unavailable; %s", fallback, extra={"error": type(exc).__name__}
                 )
                 warned = True
+            link.subscribed = False
             await on_down()
         finally:
             with contextlib.suppress(Exception):

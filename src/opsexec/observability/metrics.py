@@ -46,7 +46,6 @@ __all__ = [
     "execution_finished",
     "http_request",
     "idempotent_hit",
-    "instruments",
     "lock_conflict",
     "locks_reaped",
     "new_registry",
@@ -214,11 +213,6 @@ for _reason in LOCK_REAP_REASONS:
 for _outcome in REAPER_OUTCOMES:
     REAPER_PASSES.labels(_outcome)
 BUILD_INFO.labels(__version__).set(1)
-
-
-def instruments() -> tuple[Collector, ...]:
-    """The process-wide instruments, for an exporter that builds its own registry."""
-    return _INSTRUMENTS
 
 
 def new_registry(*collectors: Collector, process: bool = True) -> CollectorRegistry:

@@ -48,7 +48,7 @@ from uuid import UUID
 import asyncpg
 
 from opsexec.queue.signals import REDIS_SIGNALS_CHANNEL, encode_signals
-from opsexec.redis_client import fail_fast_redis, follow_channel, redis_endpoint
+from opsexec.redis_client import RelayLink, fail_fast_redis, follow_channel, redis_endpoint
 from opsexec.store import connect
 from opsexec.store.channels import EVENTS_CHANNEL, WORKER_SIGNAL_CHANNELS
 from opsexec.store.event_reads import events_after, last_seq, last_seqs
@@ -59,7 +59,6 @@ REDIS_CHANNEL = "opsexec:events"
 RELAY_HEARTBEAT = "hb"
 TICK_S = 1.0
 """How often the bus checks its connections, elects a relay and sends relay heartbeats."""
-RELAY_STALE_S = 3.0
 """No relay heartbeat for this long: LISTEN on PostgreSQL directly until it is back."""
 READ_PAGE = 500
 OUTBOX_LIMIT = 50_000
@@ -235,8 +234,7 @@ class EventBus:
         self._listener_lock = asyncio.Lock()  # one operation at a time on that connection
         self._listening = False
         self._relay = False
-        self._redis_ok = False
-        self._relay_heard = 0.0
+        self._relay_link = RelayLink()
         self._outbox: list[str] = []
         self._signal_outbox: list[tuple[str, str]] = []
         self._signal_heartbeat_due = False
@@ -271,7 +269,7 @@ class EventBus:
     @property
     def announcements(self) -> Announcements:
         """How this process hears of new events right now (shown to clients and operators)."""
-        if self._redis_path_healthy() and not self._relay:
+        if self._relay_link.healthy() and not self._relay:
             return "redis"
         if self._listening:
             return "notify"
@@ -372,11 +370,8 @@ class EventBus:
                 self._listening = False
         logger.info("event announcements", extra={"via": self.announcements})
 
-    def _redis_path_healthy(self) -> bool:
-        return self._redis_ok and time.monotonic() - self._relay_heard < RELAY_STALE_S
-
     def _wants_listen(self) -> bool:
-        return not self.redis_url or self._relay or not self._redis_path_healthy()
+        return not self.redis_url or self._relay or not self._relay_link.healthy()
 
     async def _supervise(self) -> None:
         while not self._stopped.is_set():
@@ -452,22 +447,14 @@ class EventBus:
             self.redis_url,
             REDIS_CHANNEL,
             self._on_redis_message,
-            on_up=self._redis_up,
-            on_down=self._redis_down,
+            link=self._relay_link,
+            on_down=self._set_listening_soon,
             stopped=self._stopped,
             logger=logger,
             fallback="announcements fall back to NOTIFY",
         )
 
-    def _redis_up(self) -> None:
-        self._redis_ok = True
-
-    async def _redis_down(self) -> None:
-        self._redis_ok = False
-        await self._set_listening_soon()
-
     def _on_redis_message(self, data: str) -> None:
-        self._relay_heard = time.monotonic()
         # A batch may mix heartbeats in; those lines parse as nothing.
         for execution_id, seq in parse_announcements(data):
             self.announce(execution_id, seq)

@@ -11,7 +11,7 @@ ways, and polls the queue regardless, so a lost signal costs latency, never work
   :data:`REDIS_SIGNALS_CHANNEL`, with a heartbeat every second. A worker subscribed there
   holds no PostgreSQL listener, so adding workers adds Redis subscribers rather than
   database connections. When Redis fails, or no relay heartbeat arrives for
-  ``RELAY_STALE_S`` (no API process is running, say), the worker LISTENs itself until
+  ``redis_client.RELAY_STALE_S`` (no API process is running, say), the worker LISTENs itself until
   both are back, and calls ``on_gap`` whenever it switches, since a signal sent during
   the switch may have reached neither path.
 """
@@ -28,7 +28,7 @@ from typing import Any, Final, Literal
 
 import asyncpg
 
-from opsexec.redis_client import follow_channel
+from opsexec.redis_client import RelayLink, follow_channel
 from opsexec.store import connect
 from opsexec.store.channels import WORKER_SIGNAL_CHANNELS
 
@@ -37,7 +37,6 @@ logger = logging.getLogger("opsexec.worker")
 REDIS_SIGNALS_CHANNEL: Final = "opsexec:signals"
 """Batches of ``[channel, payload]`` pairs as JSON; an empty batch is a relay heartbeat."""
 TICK_S: Final = 1.0
-RELAY_STALE_S: Final = 3.0
 LIVENESS_EVERY_S: Final = 5.0
 """How often an idle LISTEN connection is asked something: a dead peer can look open."""
 
@@ -83,8 +82,7 @@ class WorkerSignals:
         self.redis_url = redis_url
         self.on_gap = on_gap
         self._listener: asyncpg.Connection | None = None
-        self._redis_ok = False
-        self._relay_heard = 0.0
+        self._relay_link = RelayLink()
         self._last_liveness = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
@@ -127,9 +125,6 @@ class WorkerSignals:
 
     # --- supervision --------------------------------------------------------------------------
 
-    def _redis_path_healthy(self) -> bool:
-        return self._redis_ok and time.monotonic() - self._relay_heard < RELAY_STALE_S
-
     async def _supervise(self) -> None:
         while not self._stopped.is_set():
             with contextlib.suppress(TimeoutError):
@@ -149,7 +144,7 @@ class WorkerSignals:
             await self._choose_path()
 
     async def _choose_path(self) -> None:
-        if self._redis_path_healthy():
+        if self._relay_link.healthy():
             await self._close_listener()
             self._set_via("redis")
             return
@@ -204,22 +199,17 @@ class WorkerSignals:
             self.redis_url,
             REDIS_SIGNALS_CHANNEL,
             self._on_redis_message,
-            on_up=self._redis_up,
+            link=self._relay_link,
             on_down=self._redis_down,
             stopped=self._stopped,
             logger=logger,
             fallback="worker signals fall back to LISTEN",
         )
 
-    def _redis_up(self) -> None:
-        self._redis_ok = True
-
     async def _redis_down(self) -> None:
-        self._redis_ok = False
         with contextlib.suppress(Exception):
             await self._tick()  # fall back now, not at the next tick
 
     def _on_redis_message(self, data: str) -> None:
-        self._relay_heard = time.monotonic()
         for channel, payload in decode_signals(data):
             self._dispatch(channel, payload)
